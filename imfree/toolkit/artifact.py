@@ -1,0 +1,173 @@
+"""The classifier artifact: what training leaves behind, and all that export needs.
+
+A folder with `classifier.safetensors` (the two class matrices, and the learned
+prompt vectors for inspection) and `classifier.json` (class names, scales,
+mixing weight, backbone, preprocessing, training config, versions). No pickle:
+loading an artifact never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from imfree.errors import ArtifactError
+from imfree.models import Preprocess
+
+FORMAT = "imfree-classifier"
+FORMAT_VERSION = 1
+TENSORS = "classifier.safetensors"
+METADATA = "classifier.json"
+
+
+@dataclass
+class Scales:
+    global_: float = 4.0
+    local: float = 4.0
+    spatial: float = 50.0
+    mix_global: float = 0.65
+
+
+@dataclass
+class ClassifierArtifact:
+    classes: list[str]
+    prompt_names: list[str]
+    global_classifier: torch.Tensor  # [C, E], rows normalised
+    local_classifier: torch.Tensor  # [C, E], rows normalised
+    model_name: str
+    pretrained: str
+    preprocess: Preprocess
+    scales: Scales = field(default_factory=Scales)
+    kind: str = "trained"  # or "zero-shot"
+    training: dict[str, Any] = field(default_factory=dict)
+    hierarchy: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> Path:
+        """Write both files atomically into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            # Cloned: the two classifiers may be one tensor (zero-shot), which
+            # safetensors refuses to write twice.
+            "global_classifier": self.global_classifier.detach().float().clone(),
+            "local_classifier": self.local_classifier.detach().float().clone(),
+            **{k: v.detach().float().clone() for k, v in self.extra_tensors.items()},
+        }
+        _atomic(folder / TENSORS, lambda path: save_file(tensors, str(path)))
+        text = json.dumps(self._metadata(), indent=2)
+        _atomic(folder / METADATA, lambda path: Path(path).write_text(text))
+        return folder
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "classes": self.classes,
+            "prompt_names": self.prompt_names,
+            "scales": {
+                "global": self.scales.global_,
+                "local": self.scales.local,
+                "spatial": self.scales.spatial,
+                "mix_global": self.scales.mix_global,
+            },
+            "model": {"name": self.model_name, "pretrained": self.pretrained},
+            "preprocess": self.preprocess.to_dict(),
+            "hierarchy": self.hierarchy,
+            "training": self.training,
+            "versions": self.versions,
+        }
+
+
+def load_artifact(folder: Path) -> ClassifierArtifact:
+    folder = Path(folder)
+    metadata = _read_metadata(folder)
+    try:
+        tensors = load_file(str(folder / TENSORS))
+    except (OSError, SafetensorError) as err:
+        raise ArtifactError(f"cannot read {folder / TENSORS}: {err}; re-run `imfree train`") from err
+
+    try:
+        scales = metadata["scales"]
+        artifact = ClassifierArtifact(
+            classes=list(metadata["classes"]),
+            prompt_names=list(metadata.get("prompt_names", metadata["classes"])),
+            global_classifier=tensors.pop("global_classifier"),
+            local_classifier=tensors.pop("local_classifier"),
+            model_name=metadata["model"]["name"],
+            pretrained=metadata["model"]["pretrained"],
+            preprocess=Preprocess.from_dict(metadata["preprocess"]),
+            scales=Scales(scales["global"], scales["local"], scales["spatial"],
+                          scales["mix_global"]),
+            kind=metadata.get("kind", "trained"),
+            training=metadata.get("training", {}),
+            hierarchy=metadata.get("hierarchy", {}),
+            versions=metadata.get("versions", {}),
+            extra_tensors=tensors,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{folder} is missing {err} in its metadata or tensors; "
+                            f"re-run `imfree train`") from err
+    _check_shapes(artifact, folder)
+    return artifact
+
+
+def _read_metadata(folder: Path) -> dict[str, Any]:
+    path = folder / METADATA
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is not a folder; pass the --out folder of `imfree train`")
+    try:
+        metadata = json.loads(path.read_text())
+    except OSError as err:
+        raise ArtifactError(f"{folder} holds no {METADATA}; pass the --out folder of "
+                            f"`imfree train`") from err
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err.msg}); re-run `imfree train`") from err
+    if metadata.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not an imfree classifier artifact")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format version {metadata.get('format_version')}, this imfree reads "
+            f"{FORMAT_VERSION}; re-run `imfree train` with this version"
+        )
+    return metadata
+
+
+def _check_shapes(artifact: ClassifierArtifact, folder: Path) -> None:
+    classes = len(artifact.classes)
+    for name in ("global_classifier", "local_classifier"):
+        matrix = getattr(artifact, name)
+        if matrix.ndim != 2 or matrix.shape[0] != classes:
+            raise ArtifactError(f"{folder}: {name} has shape {tuple(matrix.shape)} for "
+                                f"{classes} classes; re-run `imfree train`")
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file so a crash never leaves half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def library_versions() -> dict[str, str]:
+    import open_clip
+
+    import imfree
+
+    return {"imfree": imfree.__version__, "torch": torch.__version__,
+            "open_clip": open_clip.__version__}

@@ -1,0 +1,100 @@
+"""The class tree: class, fine group, coarse group, root.
+
+Every class sits in exactly one fine group and every fine group in exactly one
+coarse group, so each class's prompt is assembled from one token block per
+level and classes under one node share that node's block exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imfree.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    classes: tuple[str, ...]
+    fine_names: tuple[str, ...]
+    coarse_names: tuple[str, ...]
+    fine_of_class: tuple[int, ...]  # index into fine_names, per class
+    coarse_of_fine: tuple[int, ...]  # index into coarse_names, per fine group
+
+    @property
+    def coarse_of_class(self) -> tuple[int, ...]:
+        return tuple(self.coarse_of_fine[f] for f in self.fine_of_class)
+
+    def to_dict(self) -> dict[str, Any]:
+        fine = {
+            name: [c for c, f in zip(self.classes, self.fine_of_class) if f == i]
+            for i, name in enumerate(self.fine_names)
+        }
+        coarse = {
+            name: [f for f, c in zip(self.fine_names, self.coarse_of_fine) if c == i]
+            for i, name in enumerate(self.coarse_names)
+        }
+        return {"fine": fine, "coarse": coarse}
+
+    @classmethod
+    def from_dict(cls, classes: list[str], data: dict[str, Any], source: str = "") -> Hierarchy:
+        """Check that `data` ({"fine": {group: [classes]}, "coarse": {...}}) is a strict tree."""
+        where = f" in {source}" if source else ""
+        fine, coarse = data.get("fine"), data.get("coarse")
+        if not isinstance(fine, dict) or not isinstance(coarse, dict):
+            raise ConfigError(f"hierarchy{where} needs 'fine' and 'coarse' objects of lists")
+
+        fine_names = tuple(fine)
+        fine_of_class = _parent_index(classes, fine, "class", "fine group", where)
+        coarse_of_fine = _parent_index(list(fine_names), coarse, "fine group", "coarse group", where)
+        return cls(
+            classes=tuple(classes),
+            fine_names=fine_names,
+            coarse_names=tuple(coarse),
+            fine_of_class=fine_of_class,
+            coarse_of_fine=coarse_of_fine,
+        )
+
+    @classmethod
+    def flat(cls, classes: list[str]) -> Hierarchy:
+        """One fine and one coarse group holding everything: the TaI-DPT design."""
+        return cls(tuple(classes), ("all",), ("all",), (0,) * len(classes), (0,))
+
+    def render(self) -> str:
+        """The tree as indented text, for people."""
+        lines = ["root"]
+        tree = self.to_dict()
+        for coarse, fines in tree["coarse"].items():
+            lines.append(f"  {coarse}")
+            for fine in fines:
+                lines.append(f"    {fine}: {', '.join(tree['fine'][fine])}")
+        return "\n".join(lines)
+
+
+def load_hierarchy(path: Path, classes: list[str]) -> Hierarchy:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read hierarchy {path}: {err}") from err
+    return Hierarchy.from_dict(classes, data, source=str(path))
+
+
+def _parent_index(
+    children: list[str], groups: dict[str, list[str]], child: str, parent: str, where: str
+) -> tuple[int, ...]:
+    parent_of: dict[str, int] = {}
+    for index, (group, members) in enumerate(groups.items()):
+        for member in members:
+            if member not in children:
+                raise ConfigError(f"{parent} '{group}'{where} names unknown {child} '{member}'")
+            if member in parent_of:
+                raise ConfigError(f"{child} '{member}'{where} sits in two {parent}s; a tree "
+                                  f"needs exactly one")
+            parent_of[member] = index
+    missing = [c for c in children if c not in parent_of]
+    if missing:
+        raise ConfigError(f"{child}(s) {', '.join(missing)}{where} are in no {parent}; "
+                          f"add each to one")
+    return tuple(parent_of[c] for c in children)

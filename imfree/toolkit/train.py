@@ -1,0 +1,327 @@
+"""Training prompts on text as if it were images (method.md, section 3).
+
+A sentence's end-token feature stands in for an image's pooled feature and its
+token features for image regions; Gaussian noise on the normalised features
+narrows the gap between text and image. The loss is the ranking loss of both
+branches plus the relation loss that keeps related classes related.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from imfree.errors import ConfigError
+from imfree.models import Backbone, encode_text_tokens, load_backbone
+from imfree.toolkit.artifact import ClassifierArtifact, Scales, library_versions
+from imfree.toolkit.corpus import Sample, read_corpus
+from imfree.toolkit.labelsets import LabelSet, load_labelset
+from imfree.toolkit.learner import PromptLearner, hand_features
+from imfree.toolkit.losses import ranking_loss, relation_loss
+from imfree.toolkit.prompts import BlockSizes
+from imfree.toolkit.scoring import global_logits, local_logits, normalize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in the artifact.
+
+    Layers, each overriding the one before: these defaults, a TOML file
+    (`--config`), then command-line flags.
+    """
+
+    labels: str = "voc2007"
+    corpus: str | None = None  # default: the label set's own corpus.jsonl
+    model: str = "RN50"
+    pretrained: str = "openai"
+    out: str = "runs/classifier"
+    zero_shot: bool = False
+
+    # Learned tokens per level of the tree (method.md, section 2).
+    root_tokens: int = 16
+    fine_tokens: int = 8
+    coarse_tokens: int = 4
+    class_tokens: int = 4
+    local_tokens: int = 32
+    local_hierarchy: bool = False  # the authors' local prompt is flat
+    flat: bool = False  # ignore the tree: one shared block (the TaI-DPT design)
+    init_std: float = 0.02
+    hand_prompt: Literal["single", "ensemble"] = "ensemble"
+    hand_residual: bool = True
+
+    # Optimisation (the authors' settings).
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [5, 10, 15])
+    lr_decay: float = 0.1
+    noise_std: float = 0.1
+    use_local: bool = True
+    relation_weight: float = 0.2
+    relation_scale: float = 100.0
+
+    # Scoring, kept in the artifact for inference.
+    global_scale: float = 4.0
+    local_scale: float = 4.0
+    spatial_scale: float = 50.0
+    mix_global: float = 0.65
+
+    seed: int = 0
+    device: str = "auto"
+    encode_batch: int = 256
+    progress: bool = True
+
+    def validate(self) -> None:
+        counts = [self.root_tokens, self.fine_tokens, self.coarse_tokens, self.class_tokens,
+                  self.local_tokens, self.epochs, self.batch_size]
+        if any(c < 0 for c in counts) or self.batch_size == 0:
+            raise ConfigError("token counts and epochs must be >= 0 and batch_size > 0")
+        if not 0.0 <= self.mix_global <= 1.0:
+            raise ConfigError(f"mix_global must lie in [0, 1], not {self.mix_global}")
+        if self.hand_prompt not in ("single", "ensemble"):
+            raise ConfigError(f"hand_prompt must be 'single' or 'ensemble', not {self.hand_prompt!r}")
+
+
+def config_from_layers(toml_path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the TOML file's keys (top level or under [train]), then flags."""
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        values.update(_read_toml(Path(toml_path)))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(sorted(known))}")
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def train(config: TrainConfig) -> Path:
+    """Train (or, with zero_shot, just build) a classifier; returns the artifact folder."""
+    config.validate()
+    _seed_everything(config.seed)
+    device = _device(config.device)
+    started = time.perf_counter()
+
+    backbone = load_backbone(config.model, config.pretrained, device=device)
+    labelset = load_labelset(config.labels)
+    hand = hand_features(backbone, labelset.prompt_names, config.hand_prompt)
+
+    if config.zero_shot:
+        anchor = normalize(hand)
+        artifact = _artifact(config, backbone, labelset, anchor, anchor, {}, kind="zero-shot")
+        return artifact.save(Path(config.out))
+
+    corpus_path = Path(config.corpus) if config.corpus else labelset.corpus_path
+    samples = read_corpus(corpus_path, labelset.names)
+    text = _encode_corpus(backbone, samples, labelset.names, config.encode_batch, device)
+    logger.info("encoded %d sentences of %s in %.1fs", len(samples), corpus_path,
+                time.perf_counter() - started)
+
+    learner = _build_learner(config, backbone, labelset, hand).to(device)
+    history = _optimise(config, learner, text, hand)
+
+    with torch.no_grad():
+        global_, local = learner.class_features()
+    if not config.use_local:
+        local = global_  # without the local branch, both rows score alike
+    artifact = _artifact(config, backbone, labelset, global_, local, learner.learned_tensors())
+    artifact.training |= {
+        "corpus": str(corpus_path),
+        "sentences": len(samples),
+        "loss_per_epoch": history,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return artifact.save(Path(config.out))
+
+
+@dataclass
+class EncodedCorpus:
+    global_: torch.Tensor  # [N, E] normalised
+    tokens: torch.Tensor  # [N, L, E] normalised
+    mask: torch.Tensor  # [N, L] content positions
+    targets: torch.Tensor  # [N, C] bool
+
+
+@torch.no_grad()
+def _encode_corpus(
+    backbone: Backbone, samples: list[Sample], classes: list[str], batch: int, device: str
+) -> EncodedCorpus:
+    """Frozen text features of every sentence, computed once; only the noise changes."""
+    tokens = backbone.tokenizer([s.sentence for s in samples])
+    # Cut the shared padding: no sentence uses positions after the longest one's end.
+    tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
+
+    globals_, locals_, masks = [], [], []
+    for start in range(0, len(samples), batch):
+        chunk = tokens[start : start + batch].to(device)
+        features = encode_text_tokens(backbone.model, chunk)
+        local = torch.zeros(chunk.shape[0], tokens.shape[1], features.tokens.shape[-1],
+                            device=device)
+        mask = torch.zeros(chunk.shape[0], tokens.shape[1], dtype=torch.bool, device=device)
+        local[:, : features.tokens.shape[1]] = normalize(features.tokens)
+        mask[:, : features.mask.shape[1]] = features.mask
+        globals_.append(normalize(features.global_))
+        locals_.append(local)
+        masks.append(mask)
+
+    index = {name: i for i, name in enumerate(classes)}
+    targets = torch.zeros(len(samples), len(classes), dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        targets[row, [index[label] for label in sample.labels]] = True
+    return EncodedCorpus(torch.cat(globals_), torch.cat(locals_), torch.cat(masks),
+                         targets.to(device))
+
+
+def _build_learner(
+    config: TrainConfig, backbone: Backbone, labelset: LabelSet, hand: torch.Tensor
+) -> PromptLearner:
+    if config.flat:
+        sizes = BlockSizes(root=config.root_tokens + config.fine_tokens + config.coarse_tokens,
+                           fine=0, coarse=0, cls=config.class_tokens)
+    else:
+        sizes = BlockSizes(config.root_tokens, config.fine_tokens, config.coarse_tokens,
+                           config.class_tokens)
+    if config.local_hierarchy:
+        local_sizes = sizes
+    else:
+        local_sizes = BlockSizes(root=config.local_tokens, fine=0, coarse=0, cls=0)
+    return PromptLearner(backbone, labelset.hierarchy, labelset.prompt_names, hand, sizes,
+                         local_sizes, hand_residual=config.hand_residual,
+                         init_std=config.init_std)
+
+
+def _optimise(
+    config: TrainConfig, learner: PromptLearner, text: EncodedCorpus, hand: torch.Tensor
+) -> list[float]:
+    parameters = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.lr_decay)
+    anchor = normalize(hand)
+    generator = torch.Generator().manual_seed(config.seed)
+    samples = text.global_.shape[0]
+    steps = config.epochs * -(-samples // config.batch_size)
+
+    history = []
+    bar = tqdm(total=steps, desc="train", unit="step", disable=not config.progress, leave=False)
+    for epoch in range(config.epochs):
+        order = torch.randperm(samples, generator=generator)
+        losses = []
+        for start in range(0, samples, config.batch_size):
+            batch = order[start : start + config.batch_size].to(text.global_.device)
+            loss = _batch_loss(config, learner, text, batch, anchor, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            bar.update()
+        schedule.step()
+        history.append(round(float(np.mean(losses)), 4))
+        logger.info("epoch %d/%d loss %.4f lr %.2g", epoch + 1, config.epochs, history[-1],
+                    schedule.get_last_lr()[0])
+    bar.close()
+    return history
+
+
+def _batch_loss(
+    config: TrainConfig,
+    learner: PromptLearner,
+    text: EncodedCorpus,
+    batch: torch.Tensor,
+    anchor: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    global_classifier, local_classifier = learner.class_features()
+    targets = text.targets[batch]
+
+    sentences = normalize(_noisy(text.global_[batch], config.noise_std, generator))
+    loss = ranking_loss(global_logits(sentences, global_classifier, config.global_scale), targets)
+
+    if config.use_local:
+        tokens = normalize(_noisy(text.tokens[batch], config.noise_std, generator))
+        local = local_logits(tokens, local_classifier, config.local_scale, config.spatial_scale,
+                             mask=text.mask[batch])
+        loss = loss + ranking_loss(local, targets)
+
+    if config.relation_weight:
+        relation = relation_loss(global_classifier, anchor, config.relation_scale)
+        loss = loss + config.relation_weight * relation
+    return loss
+
+
+def _noisy(features: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    if std <= 0:
+        return features
+    noise = torch.randn(features.shape, generator=generator) * std
+    return features + noise.to(features.device)
+
+
+def _artifact(
+    config: TrainConfig,
+    backbone: Backbone,
+    labelset: LabelSet,
+    global_: torch.Tensor,
+    local: torch.Tensor,
+    learned: dict[str, torch.Tensor],
+    kind: str = "trained",
+) -> ClassifierArtifact:
+    mix = config.mix_global if config.use_local else 1.0
+    return ClassifierArtifact(
+        classes=labelset.names,
+        prompt_names=labelset.prompt_names,
+        global_classifier=global_.detach().cpu(),
+        local_classifier=local.detach().cpu(),
+        model_name=backbone.name,
+        pretrained=backbone.pretrained,
+        preprocess=backbone.preprocess,
+        scales=Scales(config.global_scale, config.local_scale, config.spatial_scale, mix),
+        kind=kind,
+        training=asdict(config),
+        hierarchy=labelset.hierarchy.to_dict(),
+        versions=library_versions(),
+        extra_tensors={f"prompt.{k}": v for k, v in learned.items()},
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {choice} asked for, but PyTorch sees no CUDA GPU; "
+                          f"use --device cpu")
+    return choice
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    return data.get("train", data)
