@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODELS = ("imfree-tiny-rn", "imfree-tiny-vit")
 NO_WEIGHTS = ("none", "random", "")
+RANDOM_WEIGHTS_SEED = 0
 
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -128,8 +129,11 @@ def _normalise_pretrained(pretrained: str | None) -> str | None:
 
 def _create_model(name: str, tag: str | None) -> torch.nn.Module:
     if tag is None:
+        # Seeded, so training and export of a `none` model see the same image tower.
         logger.info("building %s with random weights (--pretrained none)", name)
-        return open_clip.create_model(name, pretrained=None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            return open_clip.create_model(name, pretrained=None)
 
     path = Path(tag).expanduser()
     if path.exists():
