@@ -217,6 +217,7 @@ def _optimise(
     generator = torch.Generator().manual_seed(config.seed)
     samples = text.global_.shape[0]
     steps = config.epochs * -(-samples // config.batch_size)
+    on_gpu = text.global_.is_cuda
 
     history = []
     bar = tqdm(total=steps, desc="train", unit="step", disable=not config.progress, leave=False)
@@ -225,7 +226,9 @@ def _optimise(
         losses = []
         for start in range(0, samples, config.batch_size):
             batch = order[start : start + config.batch_size].to(text.global_.device)
-            loss = _batch_loss(config, learner, text, batch, anchor, generator)
+            # Mixed precision on GPU, as the authors trained; bfloat16 needs no loss scaling.
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+                loss = _batch_loss(config, learner, text, batch, anchor, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
