@@ -18,8 +18,13 @@ import imfree
 from imfree.errors import ExportError
 from imfree.export.graph import ScoringGraph
 from imfree.export.onnx_graph import EMBEDDINGS, INPUT, SCORES, export_onnx
-from imfree.export.parity import DEFAULT_BATCHES, ParityReport, Tolerances, check_parity
-from imfree.export.parity import require_parity
+from imfree.export.parity import (
+    DEFAULT_BATCHES,
+    ParityReport,
+    Tolerances,
+    check_parity,
+    require_parity,
+)
 from imfree.models import load_backbone
 from imfree.runtime.bundle import MANIFEST_NAME, ExportManifest, sha256_file, write_manifest
 from imfree.runtime.engines import OrtEngine

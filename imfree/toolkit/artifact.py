@@ -95,7 +95,9 @@ def load_artifact(folder: Path) -> ClassifierArtifact:
     try:
         tensors = load_file(str(folder / TENSORS))
     except (OSError, SafetensorError) as err:
-        raise ArtifactError(f"cannot read {folder / TENSORS}: {err}; re-run `imfree train`") from err
+        raise ArtifactError(
+            f"cannot read {folder / TENSORS}: {err}; re-run `imfree train`"
+        ) from err
 
     try:
         scales = metadata["scales"]

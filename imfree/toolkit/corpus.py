@@ -125,7 +125,9 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{number}: not JSON ({err.msg}); fix or delete the line") from err
+            raise ConfigError(
+                f"{path}:{number}: not JSON ({err.msg}); fix or delete the line"
+            ) from err
         if not isinstance(record, dict):
             raise ConfigError(f"{path}:{number}: each line must be a JSON object")
         yield number, record

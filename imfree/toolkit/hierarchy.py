@@ -29,11 +29,11 @@ class Hierarchy:
 
     def to_dict(self) -> dict[str, Any]:
         fine = {
-            name: [c for c, f in zip(self.classes, self.fine_of_class) if f == i]
+            name: [c for c, f in zip(self.classes, self.fine_of_class, strict=False) if f == i]
             for i, name in enumerate(self.fine_names)
         }
         coarse = {
-            name: [f for f, c in zip(self.fine_names, self.coarse_of_fine) if c == i]
+            name: [f for f, c in zip(self.fine_names, self.coarse_of_fine, strict=False) if c == i]
             for i, name in enumerate(self.coarse_names)
         }
         return {"fine": fine, "coarse": coarse}
@@ -48,7 +48,9 @@ class Hierarchy:
 
         fine_names = tuple(fine)
         fine_of_class = _parent_index(classes, fine, "class", "fine group", where)
-        coarse_of_fine = _parent_index(list(fine_names), coarse, "fine group", "coarse group", where)
+        coarse_of_fine = _parent_index(
+            list(fine_names), coarse, "fine group", "coarse group", where
+        )
         return cls(
             classes=tuple(classes),
             fine_names=fine_names,

@@ -49,7 +49,8 @@ class LabelMatcher:
         self.classes = classes
         self._patterns = [self._pattern(info) for info in classes]
         self._negation = re.compile(
-            r"\b(?:" + "|".join(NEGATIONS) + r")\b(?:\s+[\w'-]+){0," + str(NEGATION_REACH) + r"}\s*$"
+            r"\b(?:" + "|".join(NEGATIONS) + r")\b"
+            + r"(?:\s+[\w'-]+){0," + str(NEGATION_REACH) + r"}\s*$"
         )
 
     def match(self, sentence: str) -> list[str]:
@@ -57,7 +58,7 @@ class LabelMatcher:
         text = sentence.lower()
         return [
             info.name
-            for info, pattern in zip(self.classes, self._patterns)
+            for info, pattern in zip(self.classes, self._patterns, strict=False)
             if any(not self._negated(text, m.start()) for m in pattern.finditer(text))
         ]
 

@@ -57,7 +57,9 @@ class TreePrompt(nn.Module):
         # Each node owns one block; a class indexes its ancestors' blocks, so
         # siblings share the very same tensors (and their gradients add up).
         self.root = nn.Parameter(torch.randn(sizes.root, width) * init_std)
-        self.fine = nn.Parameter(torch.randn(len(hierarchy.fine_names), sizes.fine, width) * init_std)
+        self.fine = nn.Parameter(
+            torch.randn(len(hierarchy.fine_names), sizes.fine, width) * init_std
+        )
         self.coarse = nn.Parameter(
             torch.randn(len(hierarchy.coarse_names), sizes.coarse, width) * init_std
         )

@@ -91,7 +91,9 @@ class TrainConfig:
         if not 0.0 <= self.mix_global <= 1.0:
             raise ConfigError(f"mix_global must lie in [0, 1], not {self.mix_global}")
         if self.hand_prompt not in ("single", "ensemble"):
-            raise ConfigError(f"hand_prompt must be 'single' or 'ensemble', not {self.hand_prompt!r}")
+            raise ConfigError(
+                f"hand_prompt must be 'single' or 'ensemble', not {self.hand_prompt!r}"
+            )
 
 
 def config_from_layers(toml_path: Path | None, overrides: dict[str, Any]) -> TrainConfig:

@@ -1,0 +1,187 @@
+import ast
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+
+from imfree.errors import BundleError, ConfigError
+from imfree.runtime.bundle import read_manifest
+from imfree.runtime.images import decode_image
+from imfree.runtime.infer import InferConfig, run_inference
+from imfree.runtime.writers import partial_path
+
+REPO = Path(__file__).resolve().parents[2]
+
+BAD_FILES = {"empty.jpg": "empty file", "notes.png": "not an image", "folder.jpg": "is a directory"}
+
+
+@pytest.fixture
+def inputs(tmp_path, photos) -> Path:
+    """The real photos, one in a subfolder, next to files that cannot be decoded."""
+    folder = tmp_path / "inputs"
+    (folder / "sub").mkdir(parents=True)
+    for photo in photos[:-1]:
+        shutil.copy(photo, folder / photo.name)
+    shutil.copy(photos[-1], folder / "sub" / photos[-1].name)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not a picture")
+    (folder / "folder.jpg").mkdir()
+    os.symlink(folder / "gone.jpg", folder / "broken.jpg")
+    (folder / "readme.txt").write_text("not listed")
+    return folder
+
+
+def _reference_scores(export_dir: Path, paths: list[Path]) -> np.ndarray:
+    manifest = read_manifest(export_dir)
+    session = onnxruntime.InferenceSession(str(export_dir / "model.onnx"))
+    images = np.stack([decode_image(p, manifest.image_height, manifest.image_width) for p in paths])
+    return session.run(["scores"], {"images": images})[0]
+
+
+def test_end_to_end_jsonl(inputs, export_dir, tmp_path, photos):
+    out = tmp_path / "tags.jsonl"
+    config = InferConfig(
+        inputs,
+        export_dir,
+        out,
+        batch_size=3,
+        all_scores=True,
+        top_k=2,
+        decode_workers=2,
+        progress=False,
+    )
+
+    summary = run_inference(config)
+    classes = read_manifest(export_dir).classes
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    paths = [Path(row["path"]) for row in rows]
+    assert paths == sorted(paths) and len(rows) == len(photos) + 4  # one row per file
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["status"] == "error"}
+    assert errors == {**BAD_FILES, "broken.jpg": "broken symlink"}
+
+    good = [r for r in rows if r["status"] == "ok"]
+    expected = _reference_scores(export_dir, [Path(r["path"]) for r in good])
+    got = np.array([[r["scores"][c] for c in classes] for r in good])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    for row, scores in zip(good, expected, strict=True):
+        best = np.argsort(-scores)[:2]
+        assert [t["label"] for t in row["top_k"]] == [classes[i] for i in best]
+        assert row["labels"] == [classes[i] for i in np.argsort(-scores) if scores[i] >= 0.5]
+
+    assert summary.engine_name == "ort-cpu"
+    assert (summary.images_ok, summary.images_failed) == (len(photos), 4)
+    assert summary.failure_reasons["empty file"] == 1
+    assert summary.out_path == out
+    assert summary.images_per_second > 0 and summary.engine_seconds > 0
+
+
+def test_end_to_end_csv_with_threshold_override(inputs, export_dir, tmp_path, photos):
+    out = tmp_path / "tags.csv"
+    config = InferConfig(inputs, export_dir, out, threshold=0.0, progress=False)
+
+    run_inference(config)
+
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(photos) + 4
+    ok = [r for r in rows if r["status"] == "ok"]
+    classes = read_manifest(export_dir).classes
+    assert all(len(r["labels"].split(";")) == len(classes) for r in ok)  # every class >= 0
+
+
+def test_progress_bar_goes_to_stderr(inputs, export_dir, tmp_path, capsys):
+    run_inference(InferConfig(inputs, export_dir, tmp_path / "t.csv", batch_size=4))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "img/s" in captured.err or "s/img" in captured.err
+
+
+def test_a_failing_engine_keeps_the_partial_output(inputs, export_dir, tmp_path, monkeypatch):
+    from imfree.runtime import engines
+
+    calls = []
+
+    def crash_on_second_batch(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return original(self, images)
+
+    original = engines.OrtEngine.run
+    monkeypatch.setattr(engines.OrtEngine, "run", crash_on_second_batch)
+    out = tmp_path / "tags.csv"
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        run_inference(InferConfig(inputs, export_dir, out, batch_size=2, progress=False))
+
+    assert not out.exists()
+    assert partial_path(out).read_text().startswith("path,status")
+
+
+def test_scores_of_the_wrong_width_are_a_bundle_error(inputs, export_dir, tmp_path):
+    manifest_path = export_dir / "imfree_export.json"
+    document = json.loads(manifest_path.read_text())
+    document["classes"] = ["only", "three", "classes"]
+    manifest_path.write_text(json.dumps(document))
+
+    with pytest.raises(BundleError, match=r"expected \(\d+, 3\) for 3 classes"):
+        run_inference(InferConfig(inputs, export_dir, tmp_path / "t.csv", progress=False))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"batch_size": 0}, "batch size must be at least 1"),
+        ({"top_k": -1}, "top-k must be 0 or more"),
+        ({"engine": "cuda"}, "choose one of: auto, tensorrt"),
+        ({"out": Path("tags.xlsx")}, "suffixes .csv, .jsonl"),
+    ],
+)
+def test_bad_options_fail_before_any_work(inputs, export_dir, tmp_path, change, message):
+    config = InferConfig(inputs, export_dir, tmp_path / "t.csv", progress=False)
+    for name, value in change.items():
+        setattr(config, name, value)
+    with pytest.raises(ConfigError, match=message):
+        run_inference(config)
+
+
+def test_importing_the_runtime_loads_no_torch():
+    modules = sorted(p.stem for p in (REPO / "imfree" / "runtime").glob("[!_]*.py"))
+    script = (
+        f"import sys, {', '.join(f'imfree.runtime.{m}' for m in modules)}\n"
+        "banned = [m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip')\n"
+        "          or m.startswith(('imfree.toolkit', 'imfree.models', 'imfree.export'))]\n"
+        "assert not banned, banned\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environment,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_runtime_sources_import_nothing_across_the_wall():
+    banned = ("torch", "open_clip", "imfree.toolkit", "imfree.models", "imfree.export")
+    for path in (REPO / "imfree" / "runtime").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(banned), f"{path.name} imports {name}"
