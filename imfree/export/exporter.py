@@ -25,6 +25,7 @@ from imfree.export.parity import (
     check_parity,
     require_parity,
 )
+from imfree.fileio import make_staging_folder
 from imfree.models import load_backbone
 from imfree.runtime.bundle import MANIFEST_NAME, ExportManifest, sha256_file, write_manifest
 from imfree.runtime.engines import OrtEngine
@@ -74,7 +75,7 @@ def export_artifact(config: ExportConfig) -> ExportResult:
     photos = config.parity_images or (REPO_PHOTOS if REPO_PHOTOS.is_dir() else None)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = make_staging_folder(out.parent, prefix=f".{out.name}.partial-")
     try:
         onnx_path = export_onnx(graph, staging / ONNX_FILE, artifact.preprocess.image_size,
                                 _onnx_metadata(artifact, threshold), config.opset)

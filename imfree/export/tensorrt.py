@@ -16,7 +16,8 @@ from types import ModuleType
 from typing import Any, Literal
 
 from imfree.errors import ConfigError, ExportError
-from imfree.runtime.bundle import sha256_file, write_atomically
+from imfree.fileio import write_atomically
+from imfree.runtime.bundle import sha256_file
 from imfree.runtime.tensorrt_runner import import_tensorrt, probe_machine
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imfree.errors import BundleError
+from imfree.fileio import write_atomically
 from imfree.runtime.images import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
@@ -76,25 +77,6 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
         while block := handle.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomically(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new, never half.
-
-    The bytes go to a hidden file beside `path`, which is then renamed over it. A
-    plain open, not tempfile, gives the file the umask's usual permissions.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(folder: str | os.PathLike[str], manifest: ExportManifest) -> Path:

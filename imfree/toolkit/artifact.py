@@ -9,17 +9,16 @@ loading an artifact never runs code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from imfree.errors import ArtifactError
+from imfree.fileio import write_atomically
 from imfree.models import Preprocess
 
 FORMAT = "imfree-classifier"
@@ -63,9 +62,8 @@ class ClassifierArtifact:
             "local_classifier": self.local_classifier.detach().float().clone(),
             **{k: v.detach().float().clone() for k, v in self.extra_tensors.items()},
         }
-        _atomic(folder / TENSORS, lambda path: save_file(tensors, str(path)))
-        text = json.dumps(self._metadata(), indent=2)
-        _atomic(folder / METADATA, lambda path: Path(path).write_text(text))
+        write_atomically(folder / TENSORS, save(tensors))
+        write_atomically(folder / METADATA, json.dumps(self._metadata(), indent=2))
         return folder
 
     def _metadata(self) -> dict[str, Any]:
@@ -135,8 +133,9 @@ def _read_metadata(folder: Path) -> dict[str, Any]:
                             f"`imfree train`") from err
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path} is not valid JSON ({err.msg}); re-run `imfree train`") from err
-    if metadata.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not an imfree classifier artifact")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not an imfree classifier artifact; pass the --out "
+                            f"folder of `imfree train`")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path} has format version {metadata.get('format_version')}, this imfree reads "
@@ -152,18 +151,6 @@ def _check_shapes(artifact: ClassifierArtifact, folder: Path) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != classes:
             raise ArtifactError(f"{folder}: {name} has shape {tuple(matrix.shape)} for "
                                 f"{classes} classes; re-run `imfree train`")
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file so a crash never leaves half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def library_versions() -> dict[str, str]:

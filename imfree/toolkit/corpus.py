@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from imfree.errors import ConfigError
+from imfree.fileio import write_atomically
 from imfree.toolkit.labels import LabelMatcher
 
 logger = logging.getLogger(__name__)
@@ -53,11 +52,11 @@ def write_corpus(path: Path, samples: Iterable[Sample]) -> None:
     """Write atomically: a reader never sees half a corpus."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".partial") as f:
-        for sample in samples:
-            record = asdict(sample) | {"labels": list(sample.labels)}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(f.name, path)
+    lines = [
+        json.dumps(asdict(sample) | {"labels": list(sample.labels)}, ensure_ascii=False) + "\n"
+        for sample in samples
+    ]
+    write_atomically(path, "".join(lines))
 
 
 def build_corpus(

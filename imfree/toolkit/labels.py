@@ -14,6 +14,8 @@ NEGATIONS = ("no", "not", "without", "never", "nor", "neither", "none", "zero")
 # How many words may stand between a negation and the class it negates
 # ("no big brown dogs"): a few adjectives, no more.
 NEGATION_REACH = 3
+SCOPE_BREAKS = ("and", "but", "with", "near", "next", "beside", "behind", "from", "by",
+                "while", "under", "above", "on", "in", "at")
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,12 @@ class LabelMatcher:
     def __init__(self, classes: list[ClassInfo]) -> None:
         self.classes = classes
         self._patterns = [self._pattern(info) for info in classes]
+        # Words between a negation and its class are adjectives or articles; a
+        # preposition or conjunction ends the negation's reach ("not far from a car").
+        between = r"(?:\s+(?!(?:" + "|".join(SCOPE_BREAKS) + r")\b)[\w'-]+)"
         self._negation = re.compile(
-            r"\b(?:" + "|".join(NEGATIONS) + r")\b"
-            + r"(?:\s+[\w'-]+){0," + str(NEGATION_REACH) + r"}\s*$"
+            r"\b(?:" + "|".join(NEGATIONS) + r")\b" + between
+            + "{0," + str(NEGATION_REACH) + r"}\s*$"
         )
 
     def match(self, sentence: str) -> list[str]:

@@ -1,0 +1,44 @@
+"""Writing files so that a crash never leaves half of one.
+
+Shared by every part of imfree (the runtime too: nothing here imports torch).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes | memoryview | str) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new, never half.
+
+    The bytes go to a hidden file beside `path`, which is then renamed over it. A
+    plain open, not tempfile, gives the file the umask's usual permissions.
+    """
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def make_staging_folder(beside: Path, prefix: str) -> Path:
+    """A fresh hidden folder next to `beside`, with the umask's usual permissions.
+
+    tempfile makes private (0700) folders; a folder that will be renamed into
+    place as a user's output should be as readable as any other they make.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=beside))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    return folder
