@@ -8,11 +8,13 @@ level and classes under one node share that node's block exactly.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imfree.errors import ConfigError
+from imfree.fileio import write_atomically
 
 
 @dataclass(frozen=True)
@@ -100,3 +102,36 @@ def _parent_index(
         raise ConfigError(f"{child}(s) {', '.join(missing)}{where} are in no {parent}; "
                           f"add each to one")
     return tuple(parent_of[c] for c in children)
+
+
+def save_hierarchy(path: Path, hierarchy: Hierarchy) -> None:
+    write_atomically(path, json.dumps(hierarchy.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+def hierarchy_from_grouping(
+    classes: list[str],
+    answer: dict[str, Any],
+    resolve: Callable[[str], str | None],
+    max_fine: int = 8,
+) -> Hierarchy:
+    """The tree an LLM's grouping answer describes, with its class names mapped to keys.
+
+    `resolve` maps a name as the LLM spelled it ("TVs", a synonym) to a class key.
+    Raises ConfigError when the answer is not a strict tree of small fine groups.
+    """
+    source = "the LLM's grouping answer"
+    fine: dict[str, list[str]] = {}
+    for group, members in answer.get("fine", {}).items():
+        keys: list[str] = []
+        for member in members:
+            key = resolve(member)
+            if key is None:
+                raise ConfigError(f"fine group '{group}' in {source} names '{member}', "
+                                  f"which is no class of the label set")
+            if key not in keys:
+                keys.append(key)
+        if len(keys) > max_fine:
+            raise ConfigError(f"fine group '{group}' in {source} holds {len(keys)} classes; "
+                              f"at most {max_fine} are allowed")
+        fine[group] = keys
+    return Hierarchy.from_dict(classes, {"fine": fine, "coarse": answer.get("coarse")}, source)

@@ -1,8 +1,11 @@
 """Label sets: class names with synonyms, their hierarchy and their corpus.
 
 A label set is a folder holding `classes.json`, `hierarchy.json` and
-`corpus.jsonl`. The bundled ones live in `imfree/toolkit/data/`; `--labels`
-takes a bundled name or the path of such a folder.
+`corpus.jsonl`. The bundled ones live in `imfree/toolkit/data/`. `--labels`
+takes a bundled name, the path of such a folder, the path of a corpus inside one
+(that corpus is used instead of the folder's own), or a label text file: one
+class a line, optionally followed by a colon and comma-separated synonyms
+("dining table: table, kitchen table"); `#` starts a comment.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imfree.errors import ConfigError
+from imfree.fileio import write_atomically
 from imfree.toolkit.hierarchy import Hierarchy, load_hierarchy
 from imfree.toolkit.labels import ClassInfo
 
@@ -24,6 +28,8 @@ class LabelSet:
     folder: Path
     classes: list[ClassInfo]
     hierarchy: Hierarchy
+    corpus: Path | None = None  # None: the folder's corpus.jsonl
+    source: Path | None = None  # the label text file, for label sets read from one
 
     @property
     def names(self) -> list[str]:
@@ -35,6 +41,14 @@ class LabelSet:
 
     @property
     def corpus_path(self) -> Path:
+        if self.corpus is not None:
+            return self.corpus
+        if self.source is not None:
+            raise ConfigError(
+                f"label file {self.source} lists classes but holds no sentences: pass --corpus, "
+                f"or write a label set with `imfree knowledge {self.source} --out DIR` and "
+                f"train with --labels DIR"
+            )
         return self.folder / "corpus.jsonl"
 
 
@@ -43,7 +57,20 @@ def bundled_labelsets() -> list[str]:
 
 
 def load_labelset(spec: str | Path) -> LabelSet:
-    """A bundled label set by name, or a label-set folder by path."""
+    """A bundled label set by name, a label-set folder, a corpus in one, or a label file."""
+    path = Path(spec).expanduser()
+    if not (DATA_DIR / str(spec) / "classes.json").exists() and path.is_file():
+        if path.suffix == ".jsonl":
+            if not (path.parent / "classes.json").exists():
+                raise ConfigError(f"corpus {path} has no classes.json beside it; pass the "
+                                  f"label set with --labels and the corpus with --corpus")
+            labelset = load_labelset(path.parent)
+            labelset.corpus = path
+            return labelset
+        classes = read_label_text(path)
+        return LabelSet(name=path.stem, folder=path.parent, classes=classes,
+                        hierarchy=Hierarchy.flat([c.name for c in classes]), source=path)
+
     folder = _resolve(spec)
     classes = read_classes(folder / "classes.json")
     names = [c.name for c in classes]
@@ -53,6 +80,31 @@ def load_labelset(spec: str | Path) -> LabelSet:
     else:
         hierarchy = Hierarchy.flat(names)
     return LabelSet(name=folder.name, folder=folder, classes=classes, hierarchy=hierarchy)
+
+
+def read_label_text(path: Path) -> list[ClassInfo]:
+    """Classes from a text file: `name` or `name: synonym, synonym` a line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read label file {path}: {err}") from err
+
+    classes = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, _, rest = line.partition(":")
+        name = " ".join(name.split())
+        synonyms = tuple(" ".join(s.split()) for s in rest.split(",") if s.strip())
+        if not name:
+            raise ConfigError(f"{path}: the line {line!r} has synonyms but no class name; "
+                              f"write 'name: synonym, synonym'")
+        classes.append(ClassInfo(name=name, prompt_name=name, synonyms=synonyms))
+    if not classes:
+        raise ConfigError(f"label file {path} names no class; write one class a line")
+    _refuse_duplicates(classes, path)
+    return classes
 
 
 def read_classes(path: Path) -> list[ClassInfo]:
@@ -74,10 +126,22 @@ def read_classes(path: Path) -> list[ClassInfo]:
             prompt_name=entry.get("prompt_name") or entry["name"],
             synonyms=tuple(entry.get("synonyms", ())),
         ))
-    duplicates = {c.name for c in classes if [d.name for d in classes].count(c.name) > 1}
+    _refuse_duplicates(classes, path)
+    return classes
+
+
+def write_classes(path: Path, classes: list[ClassInfo]) -> None:
+    """classes.json in the bundled format, one class a line."""
+    rows = [json.dumps({"name": c.name, "prompt_name": c.prompt_name,
+                        "synonyms": list(c.synonyms)}, ensure_ascii=False) for c in classes]
+    write_atomically(path, "[\n  " + ",\n  ".join(rows) + "\n]\n")
+
+
+def _refuse_duplicates(classes: list[ClassInfo], path: Path) -> None:
+    names = [c.name.lower() for c in classes]
+    duplicates = {c.name for c in classes if names.count(c.name.lower()) > 1}
     if duplicates:
         raise ConfigError(f"{path}: classes listed twice: {', '.join(sorted(duplicates))}")
-    return classes
 
 
 def _resolve(spec: str | Path) -> Path:
@@ -88,6 +152,7 @@ def _resolve(spec: str | Path) -> Path:
     if (folder / "classes.json").exists():
         return folder
     raise ConfigError(
-        f"unknown label set '{spec}': use a bundled one ({', '.join(bundled_labelsets())}) "
-        f"or a folder holding classes.json, hierarchy.json and corpus.jsonl"
+        f"unknown label set '{spec}': use a bundled one ({', '.join(bundled_labelsets())}), "
+        f"a folder holding classes.json, hierarchy.json and corpus.jsonl, or a label "
+        f"text file (one class a line)"
     )
