@@ -142,6 +142,23 @@ def test_negation_does_not_reach_past_a_preposition(matcher, sentence, expected)
     assert matcher.match(sentence) == expected
 
 
+@pytest.mark.parametrize(
+    ("sentence", "expected"),
+    [
+        ("a hot dog on a paper plate", ["hot dog"]),
+        ("a teddy bear propped on a pillow", ["teddy bear"]),
+        ("the dog stares at a hot dog", ["dog", "hot dog"]),
+        ("a brown bear sniffs a teddy bear", ["bear", "teddy bear"]),
+    ],
+)
+def test_a_name_inside_another_class_name_is_not_a_mention(sentence, expected):
+    matcher = LabelMatcher([
+        ClassInfo("dog", "dog"), ClassInfo("bear", "bear"),
+        ClassInfo("hot dog", "hot dog"), ClassInfo("teddy bear", "teddy bear"),
+    ])
+    assert matcher.match(sentence) == expected
+
+
 def test_matches_are_in_class_order(matcher):
     assert matcher.match("a bus, a man and a cat") == ["cat", "person", "bus"]
 

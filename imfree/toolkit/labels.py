@@ -58,14 +58,36 @@ class LabelMatcher:
             + "{0," + str(NEGATION_REACH) + r"}\s*$"
         )
 
+    def resolve(self, phrase: str) -> str | None:
+        """The class a bare name stands for ("Dogs", "tv monitor", a synonym), or None."""
+        text = " ".join(phrase.lower().replace("-", " ").split())
+        if not text:
+            return None
+        for info, pattern in zip(self.classes, self._patterns, strict=False):
+            found = pattern.fullmatch(text)
+            if found:
+                return info.name
+        return None
+
     def match(self, sentence: str) -> list[str]:
-        """Class names mentioned (and not negated) in `sentence`, in class order."""
+        """Class names mentioned (and not negated) in `sentence`, in class order.
+
+        A mention inside a longer mention of another class is part of that
+        class's name, not a mention of its own: "hot dog" is no dog, "teddy
+        bear" no bear.
+        """
         text = sentence.lower()
-        return [
-            info.name
-            for info, pattern in zip(self.classes, self._patterns, strict=False)
-            if any(not self._negated(text, m.start()) for m in pattern.finditer(text))
+        mentions = [
+            (found.start(), found.end(), index)
+            for index, pattern in enumerate(self._patterns)
+            for found in pattern.finditer(text)
         ]
+        named = {
+            index
+            for start, end, index in mentions
+            if not _inside_longer(start, end, index, mentions) and not self._negated(text, start)
+        }
+        return [self.classes[index].name for index in sorted(named)]
 
     def _negated(self, text: str, start: int) -> bool:
         # Only the words since the last clause break can negate this mention.
@@ -84,3 +106,10 @@ class LabelMatcher:
             for p in sorted(phrases, key=len, reverse=True)
         ]
         return re.compile(r"(?<![\w-])(?:" + "|".join(alternatives) + r")(?![\w-])")
+
+
+def _inside_longer(start: int, end: int, index: int, mentions: list[tuple[int, int, int]]) -> bool:
+    return any(
+        other != index and s <= start and end <= e and e - s > end - start
+        for s, e, other in mentions
+    )
