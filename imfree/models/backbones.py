@@ -163,11 +163,21 @@ def _create_from_file(name: str, path: Path) -> torch.nn.Module:
         return open_clip.create_model(name, pretrained=str(path))
     except ModelLoadError:
         raise
-    except Exception as err:
+    except RuntimeError as err:
+        # torch.load's advice for a file it cannot read is to allow pickled
+        # code; for a checkpoint that is simply corrupt that is the wrong fix.
+        if "state_dict" not in str(err):
+            raise ModelLoadError(f"{path} is not a readable PyTorch or safetensors checkpoint "
+                                 f"(damaged, or another kind of file); pass a checkpoint "
+                                 f"file saved by open_clip or PyTorch.") from err
         raise ModelLoadError(
             f"checkpoint {path} does not fit model {name}: {_one_line(err)}. "
-            f"Pass the --model the checkpoint was trained with, or another checkpoint."
+            f"Pass weights made for {name}, or train with the --model the checkpoint was "
+            f"made for."
         ) from err
+    except Exception as err:  # unpickling and file-format errors come in many types
+        raise ModelLoadError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
+                             f"pass a checkpoint file saved by open_clip or PyTorch.") from err
 
 
 class _OpenClipRecords(logging.Filter):
@@ -239,5 +249,9 @@ def _kind_of(model: torch.nn.Module) -> Literal["resnet", "vit"]:
     )
 
 
-def _one_line(err: object) -> str:
-    return " ".join(str(err).split())[:300]
+def _one_line(err: object, limit: int = 300) -> str:
+    """The error on one line, cut at a word boundary."""
+    text = " ".join(str(err).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."

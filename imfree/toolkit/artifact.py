@@ -8,14 +8,16 @@ loading an artifact never runs code.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from imfree.errors import ArtifactError
 from imfree.fileio import write_atomically
@@ -52,9 +54,13 @@ class ClassifierArtifact:
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, folder: Path) -> Path:
-        """Write both files atomically into `folder`."""
+        """Write both files atomically into `folder`.
+
+        The metadata records the tensor file's hash, so a reader notices two
+        files that do not belong together (a crash between the writes, a copy).
+        """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        check_writable_folder(folder)
         tensors = {
             # Cloned: the two classifiers may be one tensor (zero-shot), which
             # safetensors refuses to write twice.
@@ -62,8 +68,14 @@ class ClassifierArtifact:
             "local_classifier": self.local_classifier.detach().float().clone(),
             **{k: v.detach().float().clone() for k, v in self.extra_tensors.items()},
         }
-        write_atomically(folder / TENSORS, save(tensors))
-        write_atomically(folder / METADATA, json.dumps(self._metadata(), indent=2))
+        payload = save(tensors)
+        metadata = self._metadata() | {"tensors_sha256": hashlib.sha256(payload).hexdigest()}
+        try:
+            write_atomically(folder / TENSORS, payload)
+            write_atomically(folder / METADATA, json.dumps(metadata, indent=2))
+        except OSError as err:
+            raise ArtifactError(f"cannot write the artifact into {folder}: {err.strerror}; "
+                                f"pass a writable folder with --out") from err
         return folder
 
     def _metadata(self) -> dict[str, Any]:
@@ -91,11 +103,16 @@ def load_artifact(folder: Path) -> ClassifierArtifact:
     folder = Path(folder)
     metadata = _read_metadata(folder)
     try:
-        tensors = load_file(str(folder / TENSORS))
+        payload = (folder / TENSORS).read_bytes()
+        tensors = load(payload)
     except (OSError, SafetensorError) as err:
         raise ArtifactError(
             f"cannot read {folder / TENSORS}: {err}; re-run `imfree train`"
         ) from err
+    expected = metadata.get("tensors_sha256")
+    if expected is not None and hashlib.sha256(payload).hexdigest() != expected:
+        raise ArtifactError(f"{folder / TENSORS} is not the tensor file {METADATA} was written "
+                            f"with (its hash differs); re-run `imfree train`")
 
     try:
         scales = metadata["scales"]
@@ -122,17 +139,34 @@ def load_artifact(folder: Path) -> ClassifierArtifact:
     return artifact
 
 
+def check_writable_folder(folder: Path) -> None:
+    """Make `folder` or say, before any long work, why it cannot be an output folder."""
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder} exists and is not a folder; pass a folder with --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ArtifactError(f"cannot create {folder}: {err.strerror}; pass a writable folder "
+                            f"with --out") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactError(f"{folder} is not writable; pass a writable folder with --out")
+
+
 def _read_metadata(folder: Path) -> dict[str, Any]:
     path = folder / METADATA
     if not folder.is_dir():
         raise ArtifactError(f"{folder} is not a folder; pass the --out folder of `imfree train`")
     try:
-        metadata = json.loads(path.read_text())
-    except OSError as err:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
         raise ArtifactError(f"{folder} holds no {METADATA}; pass the --out folder of "
                             f"`imfree train`") from err
+    except OSError as err:
+        raise ArtifactError(f"cannot read {path}: {err.strerror}") from err
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path} is not valid JSON ({err.msg}); re-run `imfree train`") from err
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{path} is not UTF-8 text; re-run `imfree train`") from err
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not an imfree classifier artifact; pass the --out "
                             f"folder of `imfree train`")

@@ -36,11 +36,14 @@ def read_corpus(path: Path, classes: list[str]) -> list[Sample]:
     samples = []
     for number, record in _read_jsonl(path):
         sentence, labels = record.get("sentence"), record.get("labels")
-        if not isinstance(sentence, str) or not isinstance(labels, list) or not labels:
-            raise ConfigError(f"{path}:{number}: needs a 'sentence' and a non-empty 'labels' list")
-        unknown = [label for label in labels if label not in known]
+        if not isinstance(sentence, str) or not sentence.strip():
+            raise ConfigError(f"{path}:{number}: needs a non-empty 'sentence' string")
+        if not isinstance(labels, list) or not labels:
+            raise ConfigError(f"{path}:{number}: needs a non-empty 'labels' list")
+        unknown = [repr(label) for label in labels if not isinstance(label, str)
+                   or label not in known]
         if unknown:
-            raise ConfigError(f"{path}:{number}: unknown class(es) {', '.join(unknown)}; "
+            raise ConfigError(f"{path}:{number}: unknown class {', '.join(unknown)}; "
                               f"the label set has {', '.join(classes)}")
         samples.append(Sample(sentence, tuple(labels), record.get("kind", "unknown")))
     if not samples:
@@ -117,7 +120,9 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise ConfigError(f"cannot read corpus {path}: {err}") from err
+        raise ConfigError(f"cannot read corpus {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"corpus {path} is not UTF-8 text: {err.reason}") from err
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -136,12 +141,16 @@ def main() -> None:
     """Rebuild a label set's corpus.jsonl from its sentences.jsonl (raw answers)."""
     import sys
 
+    from imfree.errors import ImfreeError
     from imfree.toolkit.labelsets import load_labelset
 
-    labelset = load_labelset(sys.argv[1] if len(sys.argv) > 1 else "voc2007")
-    answers = [record for _, record in _read_jsonl(labelset.folder / "sentences.jsonl")]
-    samples, dropped = build_corpus(answers, LabelMatcher(labelset.classes), clip_token_count)
-    write_corpus(labelset.corpus_path, samples)
+    try:
+        labelset = load_labelset(sys.argv[1] if len(sys.argv) > 1 else "voc2007")
+        answers = [record for _, record in _read_jsonl(labelset.folder / "sentences.jsonl")]
+        samples, dropped = build_corpus(answers, LabelMatcher(labelset.classes), clip_token_count)
+        write_corpus(labelset.corpus_path, samples)
+    except ImfreeError as err:
+        sys.exit(f"error: {err}")
     stats = corpus_stats(samples, labelset.names)
     print(json.dumps(stats | {"dropped": dict(dropped)}, indent=1))
 

@@ -79,8 +79,8 @@ class Hierarchy:
 
 def load_hierarchy(path: Path, classes: list[str]) -> Hierarchy:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
         raise ConfigError(f"cannot read hierarchy {path}: {err}") from err
     return Hierarchy.from_dict(classes, data, source=str(path))
 
@@ -90,6 +90,9 @@ def _parent_index(
 ) -> tuple[int, ...]:
     parent_of: dict[str, int] = {}
     for index, (group, members) in enumerate(groups.items()):
+        if not isinstance(members, list):
+            raise ConfigError(f"{parent} '{group}'{where} must list its members in [...], "
+                              f"not {members!r}")
         for member in members:
             if member not in children:
                 raise ConfigError(f"{parent} '{group}'{where} names unknown {child} '{member}'")
@@ -99,7 +102,7 @@ def _parent_index(
             parent_of[member] = index
     missing = [c for c in children if c not in parent_of]
     if missing:
-        raise ConfigError(f"{child}(s) {', '.join(missing)}{where} are in no {parent}; "
+        raise ConfigError(f"{child} {', '.join(missing)}{where}: in no {parent}; "
                           f"add each to one")
     return tuple(parent_of[c] for c in children)
 

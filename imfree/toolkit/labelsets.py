@@ -109,25 +109,31 @@ def read_label_text(path: Path) -> list[ClassInfo]:
 
 def read_classes(path: Path) -> list[ClassInfo]:
     try:
-        entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
         raise ConfigError(f"cannot read class list {path}: {err}") from err
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{path} must be a JSON list of classes")
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path} must be a JSON list of classes, not {type(entries).__name__}")
+    if not entries:
+        raise ConfigError(f"{path} lists no classes; add at least one")
 
-    classes = []
-    for entry in entries:
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict) or not entry.get("name"):
-            raise ConfigError(f"{path}: every class needs a 'name' (got {entry!r})")
-        classes.append(ClassInfo(
-            name=entry["name"],
-            prompt_name=entry.get("prompt_name") or entry["name"],
-            synonyms=tuple(entry.get("synonyms", ())),
-        ))
+    classes = [_class_info(entry, path) for entry in entries]
     _refuse_duplicates(classes, path)
     return classes
+
+
+def _class_info(entry: object, path: Path) -> ClassInfo:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+        raise ConfigError(f"{path}: every class needs a 'name' string (got {entry!r})")
+    synonyms = entry.get("synonyms", [])
+    if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
+        raise ConfigError(f"{path}: 'synonyms' of {entry['name']!r} must be a list of strings")
+    prompt_name = entry.get("prompt_name") or entry["name"]
+    if not isinstance(prompt_name, str):
+        raise ConfigError(f"{path}: 'prompt_name' of {entry['name']!r} must be a string")
+    return ClassInfo(name=entry["name"], prompt_name=prompt_name, synonyms=tuple(synonyms))
 
 
 def write_classes(path: Path, classes: list[ClassInfo]) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,12 @@ from tqdm.auto import tqdm
 
 from imfree.errors import ConfigError
 from imfree.models import Backbone, encode_text_tokens, load_backbone
-from imfree.toolkit.artifact import ClassifierArtifact, Scales, library_versions
+from imfree.toolkit.artifact import (
+    ClassifierArtifact,
+    Scales,
+    check_writable_folder,
+    library_versions,
+)
 from imfree.toolkit.corpus import Sample, read_corpus
 from imfree.toolkit.labelsets import LabelSet, load_labelset
 from imfree.toolkit.learner import PromptLearner, hand_features
@@ -30,6 +36,8 @@ from imfree.toolkit.prompts import BlockSizes
 from imfree.toolkit.scoring import global_logits, local_logits, normalize
 
 logger = logging.getLogger(__name__)
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass
@@ -84,10 +92,19 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        _check_types(self)
         counts = [self.root_tokens, self.fine_tokens, self.coarse_tokens, self.class_tokens,
                   self.local_tokens, self.epochs, self.batch_size]
         if any(c < 0 for c in counts) or self.batch_size == 0:
             raise ConfigError("token counts and epochs must be >= 0 and batch_size > 0")
+        rates = {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                 "noise_std": self.noise_std, "relation_weight": self.relation_weight,
+                 "lr_decay": self.lr_decay}
+        negative = [name for name, value in rates.items() if not value >= 0]
+        if negative:
+            raise ConfigError(f"{', '.join(negative)} must be >= 0")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         if not 0.0 <= self.mix_global <= 1.0:
             raise ConfigError(f"mix_global must lie in [0, 1], not {self.mix_global}")
         if self.hand_prompt not in ("single", "ensemble"):
@@ -97,7 +114,7 @@ class TrainConfig:
 
 
 def config_from_layers(toml_path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the TOML file's keys (top level or under [train]), then flags."""
+    """Defaults, then the TOML file's keys (top level and [train]), then flags."""
     values: dict[str, Any] = {}
     if toml_path is not None:
         values.update(_read_toml(Path(toml_path)))
@@ -120,8 +137,13 @@ def train(config: TrainConfig) -> Path:
     device = _device(config.device)
     started = time.perf_counter()
 
-    backbone = load_backbone(config.model, config.pretrained, device=device)
+    # Everything the user wrote is checked before the (possibly downloaded) model loads.
     labelset = load_labelset(config.labels)
+    corpus_path = Path(config.corpus) if config.corpus else labelset.corpus_path
+    samples = [] if config.zero_shot else read_corpus(corpus_path, labelset.names)
+    check_writable_folder(Path(config.out))
+
+    backbone = load_backbone(config.model, config.pretrained, device=device)
     hand = hand_features(backbone, labelset.prompt_names, config.hand_prompt)
 
     if config.zero_shot:
@@ -129,8 +151,7 @@ def train(config: TrainConfig) -> Path:
         artifact = _artifact(config, backbone, labelset, anchor, anchor, {}, kind="zero-shot")
         return artifact.save(Path(config.out))
 
-    corpus_path = Path(config.corpus) if config.corpus else labelset.corpus_path
-    samples = read_corpus(corpus_path, labelset.names)
+    samples = _fitting(samples, backbone, labelset.names)
     text = _encode_corpus(backbone, samples, labelset.names, config.encode_batch, device)
     logger.info("encoded %d sentences of %s in %.1fs", len(samples), corpus_path,
                 time.perf_counter() - started)
@@ -150,6 +171,26 @@ def train(config: TrainConfig) -> Path:
         "seconds": round(time.perf_counter() - started, 1),
     }
     return artifact.save(Path(config.out))
+
+
+def _fitting(samples: list[Sample], backbone: Backbone, classes: list[str]) -> list[Sample]:
+    """Drop sentences the text encoder would cut short, and say which classes go unseen."""
+    encode = getattr(backbone.tokenizer, "encode", None)
+    if encode is not None:
+        fits = [s for s in samples if len(encode(s.sentence)) + 2 <= backbone.context_length]
+        if len(fits) < len(samples):
+            logger.warning("dropped %d sentences longer than the text encoder's %d tokens",
+                           len(samples) - len(fits), backbone.context_length)
+        samples = fits
+    if not samples:
+        raise ConfigError("no sentence of the corpus fits the text encoder; shorten them")
+
+    seen = {label for sample in samples for label in sample.labels}
+    unseen = [name for name in classes if name not in seen]
+    if unseen:
+        logger.warning("no training sentence names %s; these classes keep their hand-written "
+                       "prompt's direction only", ", ".join(unseen))
+    return samples
 
 
 @dataclass
@@ -326,7 +367,42 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from err
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
-    return data.get("train", data)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text: {err.reason}") from err
+
+    # Keys may sit at the top level, under [train], or both ([train] wins).
+    if not isinstance(data.get("train", {}), dict):
+        raise ConfigError(f"{path}: 'train' must be a table ([train]), not a value")
+    tables = sorted(k for k, v in data.items() if isinstance(v, dict) and k != "train")
+    if tables:
+        raise ConfigError(f"{path}: unknown table(s) [{'], ['.join(tables)}]; training "
+                          f"options go at the top level or under [train]")
+    values = {k: v for k, v in data.items() if k != "train"}
+    values.update(data.get("train", {}))
+    return values
+
+
+def _check_types(config: TrainConfig) -> None:
+    """A TOML file can hold any type; say which key has the wrong one."""
+    for spec in fields(TrainConfig):
+        value = getattr(config, spec.name)
+        default = spec.default if spec.default is not MISSING else spec.default_factory()
+        if default is None:
+            expected = (str,)
+        elif isinstance(default, bool):
+            expected = (bool,)
+        elif isinstance(default, float):
+            expected = (int, float)
+        else:
+            expected = (type(default),)
+        if value is None and default is None:
+            continue
+        wrong = isinstance(value, bool) and bool not in expected
+        if wrong or not isinstance(value, expected):
+            kind = " or ".join(t.__name__ for t in expected)
+            raise ConfigError(f"training option {spec.name} must be {kind}, not {value!r}")
+        if isinstance(value, list) and not all(isinstance(v, int) for v in value):
+            raise ConfigError(f"training option {spec.name} must be a list of integers")
