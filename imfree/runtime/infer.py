@@ -1,12 +1,18 @@
-"""Tagging a folder of images with an export: one output row per input file."""
+"""Tagging images with an export: one output row per input file.
+
+The loop: decode workers fill a bounded queue of batches, the engine scores
+one batch at a time, the writer appends its rows. A bad file is an error row;
+a signal stops the run after the batch in flight; `resume` skips every path
+already in the output, so a stopped or killed run continues where it ended.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +23,20 @@ from tqdm import tqdm
 from imfree.errors import BundleError, ConfigError
 from imfree.runtime.bundle import REEXPORT_HINT, ExportManifest, read_manifest
 from imfree.runtime.engines import Engine, EngineChoice, check_engine_choice, open_engine
-from imfree.runtime.pipeline import Batch, DecodeSettings, StageTimes, iter_batches
-from imfree.runtime.sources import list_images
-from imfree.runtime.writers import Row, open_writer, output_format
+from imfree.runtime.images import DEFAULT_MAX_PIXELS, WHITE, Colour
+from imfree.runtime.pipeline import (
+    DEFAULT_DECODE_TIMEOUT,
+    Batch,
+    DecodeSettings,
+    StageTimes,
+    available_cores,
+    decode_batches,
+    default_decode_workers,
+)
+from imfree.runtime.signals import StopRequest, stop_on_signals
+from imfree.runtime.sources import InputSpec, collect_inputs
+from imfree.runtime.thresholds import class_thresholds
+from imfree.runtime.writers import Row, RowWriter, open_writer, output_format
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +45,28 @@ logger = logging.getLogger(__name__)
 class InferConfig:
     """One tagging run."""
 
-    inputs: Path  # an image file or a folder, walked recursively
+    inputs: Path | list[Path]  # image files and folders (walked recursively)
     export_dir: Path
-    out: Path  # .csv or .jsonl
+    out: Path  # .csv, .jsonl or .parquet
     batch_size: int = 256
     engine: EngineChoice = "auto"
     threshold: float | None = None  # None: the export's own threshold
+    thresholds_file: Path | None = None  # per-class thresholds; others take `threshold`
     top_k: int = 5
     all_scores: bool = False
     decode_workers: int | None = None  # None: all cores but one
+    engine_threads: int | None = None  # None: all cores (CPU engines only)
     progress: bool = True
+    resume: bool = False  # skip paths already in the output or its partial file
+    paths_from: str | None = None  # a file of paths, one per line; "-" reads stdin
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    follow_symlinks: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    draft: bool = True  # reduced-scale JPEG decoding
+    background: Colour = WHITE
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT
+    prefetch: int = 2  # decoded batches queued ahead of the engine
 
 
 @dataclass
@@ -48,32 +77,54 @@ class InferSummary:
     images_ok: int
     images_failed: int
     seconds: float
-    images_per_second: float  # input files per second of wall time, failures included
+    images_per_second: float  # files handled per second of wall time, failures included
     decode_seconds: float  # summed over decode workers
     engine_seconds: float
     out_path: Path
     decode_wait_seconds: float = 0.0  # time the engine sat waiting for decoded images
     write_seconds: float = 0.0
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    images_skipped: int = 0  # already in the output (resume)
+    images_left: int = 0  # not reached because the run was stopped
+    stopped_by: str | None = None  # the signal that stopped the run, if one did
+    decode_workers: int = 1
+    engine_threads: int | None = None
+    workers_replaced: int = 0
+
+    @property
+    def decode_rate(self) -> float:
+        """Images per second the decode workers sustain together."""
+        per_worker = self.decode_seconds / max(1, self.decode_workers)
+        handled = self.images_ok + self.images_failed
+        return handled / per_worker if per_worker > 0 else 0.0
+
+    @property
+    def engine_rate(self) -> float:
+        """Images per second of the engine alone."""
+        return self.images_ok / self.engine_seconds if self.engine_seconds > 0 else 0.0
 
 
 def run_inference(config: InferConfig) -> InferSummary:
-    """Tag every image under `config.inputs` and write one row per file to `config.out`."""
+    """Tag every input of `config` and write one row per file to `config.out`."""
     _check_config(config)
     manifest = read_manifest(config.export_dir)
     output_format(config.out)  # a bad suffix fails now, not after the engine has loaded
+    thresholds = class_thresholds(manifest.classes, _default_threshold(config, manifest),
+                                  config.thresholds_file)
 
-    paths = list_images(config.inputs)
+    paths = collect_inputs(_input_spec(config))
     if not paths:
-        logger.warning("no image files under %s", config.inputs)
+        logger.warning("no image files in %s", _describe_inputs(config))
 
-    engine = open_engine(config.export_dir, manifest, config.engine)
+    engine_threads = config.engine_threads or available_cores()
+    engine = open_engine(config.export_dir, manifest, config.engine, intra_threads=engine_threads)
     try:
-        summary = _tag(paths, manifest, engine, config)
+        summary = _tag(paths, manifest, engine, thresholds, config)
     finally:
         engine.close()
+    summary.engine_threads = engine_threads if engine.name.startswith("ort-cpu") else None
 
-    _log_summary(summary, len(paths))
+    _log_summary(summary)
     return summary
 
 
@@ -82,65 +133,132 @@ def _check_config(config: InferConfig) -> None:
         raise ConfigError(f"batch size must be at least 1, not {config.batch_size}")
     if config.top_k < 0:
         raise ConfigError(f"top-k must be 0 or more, not {config.top_k}")
-    if config.decode_workers is not None and config.decode_workers < 1:
-        raise ConfigError(f"decode workers must be at least 1, not {config.decode_workers}")
-    if config.threshold is not None and not math.isfinite(config.threshold):
-        raise ConfigError(f"threshold must be a finite number, not {config.threshold}")
+    for name in ("decode_workers", "engine_threads"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, not {value}")
+    if config.threshold is not None and not 0.0 <= config.threshold <= 1.0:
+        raise ConfigError(f"threshold must lie in [0, 1] (scores are probabilities), "
+                          f"not {config.threshold}")
+    if config.max_pixels < 1:
+        raise ConfigError(f"max pixels must be at least 1, not {config.max_pixels}")
+    if not config.decode_timeout > 0:
+        raise ConfigError(f"decode timeout must be above 0 seconds, not {config.decode_timeout}")
     check_engine_choice(config.engine)
 
 
+def _default_threshold(config: InferConfig, manifest: ExportManifest) -> float:
+    return manifest.threshold if config.threshold is None else config.threshold
+
+
+def _input_spec(config: InferConfig) -> InputSpec:
+    roots = config.inputs if isinstance(config.inputs, list) else [config.inputs]
+    return InputSpec(
+        roots=[Path(root) for root in roots],
+        paths_file=config.paths_from,
+        include=list(config.include),
+        exclude=list(config.exclude),
+        follow_symlinks=config.follow_symlinks,
+    )
+
+
+def _describe_inputs(config: InferConfig) -> str:
+    roots = config.inputs if isinstance(config.inputs, list) else [config.inputs]
+    named = [str(root) for root in roots] + ([config.paths_from] if config.paths_from else [])
+    return ", ".join(named)
+
+
 def _tag(
-    paths: list[Path], manifest: ExportManifest, engine: Engine, config: InferConfig
+    paths: list[Path],
+    manifest: ExportManifest,
+    engine: Engine,
+    thresholds: np.ndarray,
+    config: InferConfig,
 ) -> InferSummary:
-    threshold = manifest.threshold if config.threshold is None else config.threshold
-    decode = DecodeSettings(manifest.image_height, manifest.image_width, manifest.interpolation)
+    decode = DecodeSettings(
+        manifest.image_height,
+        manifest.image_width,
+        manifest.interpolation,
+        config.max_pixels,
+        config.draft,
+        config.background,
+    )
+    workers = config.decode_workers or default_decode_workers()
     times = StageTimes()
     failures: Counter[str] = Counter()
+    handled = 0
     started = time.perf_counter()
 
-    bar = tqdm(
-        total=len(paths),
-        unit="img",
-        file=sys.stderr,
-        disable=not config.progress,
-        dynamic_ncols=True,
-    )
-    batches = iter_batches(paths, decode, config.batch_size, config.decode_workers, times=times)
-    # closing(): on an error, stop the decode pool now rather than whenever the
-    # traceback that holds the generator is freed.
     with (
-        bar,
-        open_writer(config.out, manifest.classes, config.all_scores) as writer,
-        closing(batches),
+        open_writer(config.out, manifest.classes, config.all_scores, config.resume) as writer,
+        stop_on_signals() as stop,
     ):
-        for batch in batches:
-            scores = _score(engine, batch, manifest, times)
-            rows = _rows(batch, scores, manifest.classes, threshold, config)
+        todo = len(paths) - sum(str(path) in writer.done for path in paths)
+        bar = tqdm(total=todo, unit="img", file=sys.stderr, disable=not config.progress,
+                   dynamic_ncols=True)
+        chunks = _chunks_to_do(paths, writer, config.batch_size)
+        batches = decode_batches(chunks, decode, workers, config.prefetch, times,
+                                 config.decode_timeout)
+        # closing(): on an error or a stop, end the decode workers now rather than
+        # whenever the traceback that holds the generator is freed.
+        with bar, closing(batches):
+            for batch in _until_stopped(batches, stop):
+                scores = _score(engine, batch, manifest, times)
+                rows = _rows(batch, scores, manifest.classes, thresholds, config)
+                _write(writer, rows, times)
 
-            write_started = time.perf_counter()
-            writer.write_rows(rows)
-            times.write_seconds += time.perf_counter() - write_started
+                handled += len(batch.paths)
+                failures.update(reason for _, reason in batch.failures)
+                bar.update(len(batch.paths))
+                if failures:
+                    bar.set_postfix(failed=sum(failures.values()), refresh=False)
 
-            failures.update(reason for _, reason in batch.failures)
-            bar.update(len(batch.paths))
-            if failures:
-                bar.set_postfix(failed=sum(failures.values()), refresh=False)
+        if stop.requested:
+            # Keep the rows for --resume instead of publishing a partial output.
+            writer.abort()
 
     seconds = time.perf_counter() - started
     failed = sum(failures.values())
     return InferSummary(
         engine_name=engine.name,
-        images_ok=len(paths) - failed,
+        images_ok=handled - failed,
         images_failed=failed,
         seconds=seconds,
-        images_per_second=len(paths) / seconds if seconds > 0 else 0.0,
+        images_per_second=handled / seconds if seconds > 0 else 0.0,
         decode_seconds=times.decode_seconds,
         engine_seconds=times.engine_seconds,
         out_path=config.out,
         decode_wait_seconds=times.decode_wait_seconds,
         write_seconds=times.write_seconds,
         failure_reasons=dict(failures.most_common()),
+        images_skipped=len(paths) - todo,
+        images_left=todo - handled,
+        stopped_by=stop.signal.name if stop.signal else None,
+        decode_workers=workers,
+        workers_replaced=times.workers_replaced,
     )
+
+
+def _chunks_to_do(paths: list[Path], writer: RowWriter, batch_size: int) -> Iterator[list[Path]]:
+    # Batches are cut from the whole list, then thinned of finished paths: a resumed
+    # run scores the rest in the same batches as an uninterrupted run would.
+    for start in range(0, len(paths), batch_size):
+        chunk = [p for p in paths[start : start + batch_size] if str(p) not in writer.done]
+        if chunk:
+            yield chunk
+
+
+def _until_stopped(batches: Iterator[Batch], stop: StopRequest) -> Iterator[Batch]:
+    for batch in batches:
+        yield batch
+        if stop.requested:
+            return
+
+
+def _write(writer: RowWriter, rows: list[Row], times: StageTimes) -> None:
+    started = time.perf_counter()
+    writer.write_rows(rows)
+    times.write_seconds += time.perf_counter() - started
 
 
 def _score(engine: Engine, batch: Batch, manifest: ExportManifest, times: StageTimes) -> np.ndarray:
@@ -165,12 +283,15 @@ def _score(engine: Engine, batch: Batch, manifest: ExportManifest, times: StageT
 
 
 def _rows(
-    batch: Batch, scores: np.ndarray, classes: list[str], threshold: float, config: InferConfig
+    batch: Batch,
+    scores: np.ndarray,
+    classes: list[str],
+    thresholds: np.ndarray,
+    config: InferConfig,
 ) -> list[Row]:
     """One row per path of the batch, in input order."""
     order = np.argsort(-scores, axis=1, kind="stable")  # [n_good, C], best first
-    # Sorted best first, the classes at or above the threshold form a prefix of each row.
-    above = (np.take_along_axis(scores, order, axis=1) >= threshold).sum(axis=1)  # [n_good]
+    above = scores >= thresholds  # [n_good, C]
 
     reasons = dict(batch.failures)
     good = iter(range(len(batch.good_paths)))
@@ -185,7 +306,7 @@ def _rows(
             Row(
                 path=str(path),
                 status="ok",
-                labels=[classes[c] for c in ranked[: above[i]]],
+                labels=[classes[c] for c in ranked if above[i, c]],
                 top_k=[(classes[c], float(scores[i, c])) for c in ranked[: config.top_k]],
                 scores=scores[i] if config.all_scores else None,
             )
@@ -193,21 +314,27 @@ def _rows(
     return rows
 
 
-def _log_summary(summary: InferSummary, files: int) -> None:
+def _log_summary(summary: InferSummary) -> None:
     logger.info(
-        "%d files in %.1f s (%.1f/s) on %s: %d ok, %d failed | decode %.1f s over workers, "
-        "engine waited %.1f s | engine %.1f s | write %.1f s -> %s",
-        files,
-        summary.seconds,
-        summary.images_per_second,
-        summary.engine_name,
+        "%d done, %d failed, %d skipped (already in the output)%s in %.1f s on %s",
         summary.images_ok,
         summary.images_failed,
-        summary.decode_seconds,
-        summary.decode_wait_seconds,
-        summary.engine_seconds,
-        summary.write_seconds,
-        summary.out_path,
+        summary.images_skipped,
+        f", {summary.images_left} left" if summary.stopped_by else "",
+        summary.seconds,
+        summary.engine_name,
+    )
+    logger.info(
+        "rates: decoding %.1f images/s (%d workers), engine %.1f images/s, overall %.1f "
+        "images/s; %s limits this run",
+        summary.decode_rate,
+        summary.decode_workers,
+        summary.engine_rate,
+        summary.images_per_second,
+        "decoding" if summary.decode_rate < summary.engine_rate else "the engine",
     )
     for reason, count in summary.failure_reasons.items():
         logger.info("  %d failed: %s", count, reason)
+    if summary.workers_replaced:
+        logger.info("  %d decode workers crashed or hung and were replaced",
+                    summary.workers_replaced)

@@ -1,21 +1,28 @@
-"""Result rows, written as CSV or JSON Lines.
+"""Result rows, written as CSV, JSON Lines or Parquet, and read back to resume.
 
-Rows go to a hidden partial file beside the output, flushed after every batch,
-and the partial file is renamed onto the output only when the run completes:
-an output file that exists is always whole, and a crashed run leaves its
-rows behind under a name that says they are partial.
+Rows go to a hidden partial file beside the output, one write and flush per
+batch, and the partial file becomes the output only when the run completes:
+an output file that exists is always whole. A stopped or killed run leaves
+its rows in the partial file, where `--resume` finds them: a last line cut
+short by a kill is dropped and its image tagged again.
+
+CSV and JSON Lines collect in their own format. Parquet cannot be appended
+to, so its partial file is a JSON Lines journal, converted when the run ends.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 
@@ -23,8 +30,17 @@ from imfree.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-OutputFormat = Literal["csv", "jsonl"]
-OUTPUT_SUFFIXES: dict[str, OutputFormat] = {".csv": "csv", ".jsonl": "jsonl"}
+OutputFormat = Literal["csv", "jsonl", "parquet"]
+OUTPUT_SUFFIXES: dict[str, OutputFormat] = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".parquet": "parquet",
+}
+
+_PATH_ERRORS = "surrogateescape"
+
+# Rows per Parquet row group when the journal is converted.
+PARQUET_GROUP_ROWS = 65_536
 
 
 @dataclass
@@ -47,6 +63,8 @@ def output_format(path: str | os.PathLike[str]) -> OutputFormat:
         raise ConfigError(
             f"cannot tell the output format of {path}: name it with one of the suffixes {choices}"
         )
+    if OUTPUT_SUFFIXES[suffix] == "parquet":
+        _pyarrow()  # a missing pyarrow fails now, not after hours of tagging
     return OUTPUT_SUFFIXES[suffix]
 
 
@@ -57,45 +75,73 @@ def partial_path(path: str | os.PathLike[str]) -> Path:
 
 
 class RowWriter:
-    """Writes rows to the partial file; `close` publishes it, `abort` keeps it aside."""
+    """Writes rows to the partial file; `close` publishes it, `abort` keeps it aside.
 
-    def __init__(self, path: str | os.PathLike[str], classes: list[str], all_scores: bool):
+    With `resume`, the rows of an earlier run (its partial file, else its
+    finished output) are kept, and `done` holds their paths.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        classes: list[str],
+        all_scores: bool,
+        resume: bool = False,
+    ):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.classes = list(classes)
         self.all_scores = all_scores
         self.rows_written = 0
-
+        self.done: set[str] = set()
+        self._aborted = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle: IO[str] | None = open(self.partial, "w", encoding="utf-8", newline="")
-        self._start()
+
+        if resume and self._has_earlier_rows():
+            self._take_over_earlier_rows()
+            self._handle: IO[str] | None = _open_text(self.partial, "a")
+        else:
+            self._refuse_to_overwrite_partial(resume)
+            self._handle = _open_text(self.partial, "w")
+            self._handle.write(self._header())
+            self._handle.flush()
+
+    @property
+    def rows_resumed(self) -> int:
+        """Rows kept from an earlier run."""
+        return len(self.done)
 
     def write_rows(self, rows: list[Row]) -> None:
-        """Append rows and flush, so a crash loses at most the batch in flight."""
-        for row in rows:
-            self._write(row)
+        """Append rows with one write and flush, so a crash cuts at most one batch."""
+        text = "".join(self._line(row) for row in rows)
+        handle = self._file()
+        handle.write(text)
+        handle.flush()
         self.rows_written += len(rows)
-        self._file().flush()
 
     def close(self) -> None:
-        """Finish the file and rename it onto the output path."""
+        """Finish the file and publish it at the output path (not after `abort`)."""
+        if self._handle is None and self._aborted:
+            return
         handle = self._file()
         handle.flush()
         os.fsync(handle.fileno())
         handle.close()
         self._handle = None
-        os.replace(self.partial, self.path)
-        logger.debug("wrote %d rows to %s", self.rows_written, self.path)
+        self._publish()
+        logger.debug("wrote %d rows to %s", self.rows_written + self.rows_resumed, self.path)
 
     def abort(self) -> None:
         """Stop writing, keeping the rows so far in the partial file."""
         if self._handle is None:
             return
+        self._handle.flush()
         self._handle.close()
         self._handle = None
+        self._aborted = True
         logger.warning(
-            "run stopped: the %d rows written so far are kept in %s",
-            self.rows_written,
+            "run stopped: its %d rows are kept in %s",
+            self.rows_written + self.rows_resumed,
             self.partial,
         )
 
@@ -113,65 +159,278 @@ class RowWriter:
         else:
             self.abort()
 
+    # The parts each format fills in.
+
+    def _header(self) -> str:
+        """What precedes the rows."""
+        return ""
+
+    def _line(self, row: Row) -> str:
+        raise NotImplementedError
+
+    def _parse(self, text: str) -> Iterator[tuple[int, str]]:
+        """(end offset, path) of each complete row of a partial file's text."""
+        raise NotImplementedError
+
+    def _publish(self) -> None:
+        os.replace(self.partial, self.path)
+
+    def _output_as_partial(self) -> None:
+        """Turn a finished output back into a partial file to append to."""
+        shutil.copyfile(self.path, self.partial)
+
+    # Resuming.
+
+    def _has_earlier_rows(self) -> bool:
+        return self.partial.exists() or self.path.exists()
+
+    def _take_over_earlier_rows(self) -> None:
+        if not self.partial.exists():
+            self._output_as_partial()
+
+        text = self.partial.read_bytes().decode("utf-8", errors=_PATH_ERRORS)
+        self._check_header(text)
+        end_char = len(self._header())
+        for end_char, path in self._parse(text):  # noqa: B007 - the last end is kept
+            self.done.add(path)
+        end = len(text[:end_char].encode("utf-8", errors=_PATH_ERRORS))
+
+        # Whatever follows the last complete row was cut short by a kill: drop it.
+        size = self.partial.stat().st_size
+        if size > end:
+            logger.info("%s: dropping %d bytes of a row cut short", self.partial, size - end)
+            os.truncate(self.partial, end)
+        logger.info("resuming: %d rows already in %s", len(self.done), self.partial)
+
+    def _check_header(self, text: str) -> None:
+        header = self._header()
+        if header and not text.startswith(header):
+            raise ConfigError(
+                f"{self.partial} has other columns than this run would write (another "
+                "export, or --all-scores changed): resume with the same options, or "
+                "choose another --out"
+            )
+
+    def _refuse_to_overwrite_partial(self, resume: bool) -> None:
+        if self.partial.exists() and not resume:
+            raise ConfigError(
+                f"{self.partial} holds the rows of an interrupted run: add --resume to "
+                "continue it, or delete that file to start over"
+            )
+
     def _file(self) -> IO[str]:
         if self._handle is None:
             raise ValueError(f"the writer for {self.path} is closed")
         return self._handle
 
-    def _start(self) -> None:
-        """Write whatever precedes the rows."""
-
-    def _write(self, row: Row) -> None:
-        raise NotImplementedError
-
 
 class CsvRowWriter(RowWriter):
     """One line per file: labels ';'-joined, top-k as 'label:score' pairs."""
 
-    def _start(self) -> None:
-        self._csv = csv.writer(self._file())
-        header = ["path", "status", "labels", "top_k", "error"]
+    def _columns(self) -> list[str]:
+        columns = ["path", "status", "labels", "top_k", "error"]
         if self.all_scores:
-            header += [f"score:{name}" for name in self.classes]
-        self._csv.writerow(header)
+            columns += [f"score:{name}" for name in self.classes]
+        return columns
 
-    def _write(self, row: Row) -> None:
+    def _header(self) -> str:
+        return _csv_line(self._columns())
+
+    def _line(self, row: Row) -> str:
         top_k = ";".join(f"{label}:{_fmt(score)}" for label, score in row.top_k)
         cells = [row.path, row.status, ";".join(row.labels), top_k, row.error]
         if self.all_scores and row.scores is None:
             cells += [""] * len(self.classes)
         elif self.all_scores:
             cells += [_fmt(score) for score in row.scores]
-        self._csv.writerow(cells)
+        return _csv_line(cells)
+
+    def _parse(self, text: str) -> Iterator[tuple[int, str]]:
+        # Rows are read record by record, since a quoted path may hold a newline;
+        # a record is complete only when its line break was written too.
+        lines = _lines(text)
+        ends = np.cumsum([len(line) for line in lines]).tolist()
+        reader = csv.reader(lines, strict=True)
+        width = len(self._columns())
+        try:
+            next(reader)  # the header, checked already
+            for cells in reader:
+                last_line = lines[reader.line_num - 1]
+                if len(cells) != width or not last_line.endswith("\n"):
+                    return
+                yield ends[reader.line_num - 1], cells[0]
+        except csv.Error:  # a quoted field cut short
+            return
 
 
 class JsonlRowWriter(RowWriter):
     """One JSON object per line; `scores` maps every class to its score when asked for."""
 
-    def _write(self, row: Row) -> None:
-        record: dict[str, object] = {
-            "path": row.path,
-            "status": row.status,
-            "labels": row.labels,
-            "top_k": [{"label": label, "score": _round(score)} for label, score in row.top_k],
-            "error": row.error or None,
-        }
+    def _line(self, row: Row) -> str:
+        return json.dumps(_record(row, self.classes, self.all_scores), ensure_ascii=False) + "\n"
+
+    def _parse(self, text: str) -> Iterator[tuple[int, str]]:
+        end = 0
+        for line in _lines(text):
+            if not line.endswith("\n"):
+                return
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                return
+            if not isinstance(record, dict) or not self._fits(record):
+                raise ConfigError(
+                    f"{self.partial} holds rows of another shape than this run writes "
+                    "(another export, or --all-scores changed): resume with the same "
+                    "options, or choose another --out"
+                )
+            end += len(line)
+            yield end, record["path"]
+
+    def _fits(self, record: dict[str, Any]) -> bool:
+        scores = record.get("scores")
+        if self.all_scores != ("scores" in record) or "path" not in record:
+            return False
+        return scores is None or list(scores) == self.classes
+
+
+class ParquetRowWriter(JsonlRowWriter):
+    """Parquet: one column per field, top_k as a list of (label, score), scores as columns."""
+
+    def _publish(self) -> None:
+        pyarrow, parquet = _pyarrow()
+        schema = self._schema(pyarrow)
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with parquet.ParquetWriter(staging, schema) as writer:
+                for records in _chunks(self._journal(), PARQUET_GROUP_ROWS):
+                    columns = self._columns_of(records)
+                    writer.write_table(pyarrow.Table.from_pydict(columns, schema=schema))
+            os.replace(staging, self.path)
+        finally:
+            staging.unlink(missing_ok=True)
+        self.partial.unlink()
+
+    def _output_as_partial(self) -> None:
+        _, parquet = _pyarrow()
+        table = parquet.read_table(self.path)
+        with _open_text(self.partial, "w") as handle:
+            for record in table.to_pylist():
+                handle.write(json.dumps(self._record_from_columns(record)) + "\n")
+
+    def _schema(self, pyarrow: Any) -> Any:
+        top = pyarrow.struct([("label", pyarrow.string()), ("score", pyarrow.float32())])
+        fields = [
+            ("path", pyarrow.string()),
+            ("status", pyarrow.string()),
+            ("labels", pyarrow.list_(pyarrow.string())),
+            ("top_k", pyarrow.list_(top)),
+            ("error", pyarrow.string()),
+        ]
         if self.all_scores:
-            record["scores"] = (
-                None
-                if row.scores is None
-                else {name: _round(s) for name, s in zip(self.classes, row.scores, strict=True)}
-            )
-        self._file().write(json.dumps(record, ensure_ascii=False) + "\n")
+            fields += [(f"score:{name}", pyarrow.float32()) for name in self.classes]
+        return pyarrow.schema(fields)
+
+    def _journal(self) -> Iterator[dict[str, Any]]:
+        with _open_text(self.partial, "r") as handle:
+            for line in handle:
+                yield json.loads(line)
+
+    def _columns_of(self, records: list[dict[str, Any]]) -> dict[str, list]:
+        names = ["path", "status", "labels", "top_k", "error"]
+        columns = {name: [r[name] for r in records] for name in names}
+        if self.all_scores:
+            for name in self.classes:
+                columns[f"score:{name}"] = [
+                    None if r["scores"] is None else r["scores"][name] for r in records
+                ]
+        return columns
+
+    def _record_from_columns(self, record: dict[str, Any]) -> dict[str, Any]:
+        names = [n for n in record if n.startswith("score:")]
+        journal = {k: v for k, v in record.items() if k not in names}
+        if self.all_scores:
+            scores = {n.removeprefix("score:"): record[n] for n in names}
+            journal["scores"] = None if journal["status"] == "error" else scores
+        return journal
 
 
-_WRITERS: dict[OutputFormat, type[RowWriter]] = {"csv": CsvRowWriter, "jsonl": JsonlRowWriter}
+_WRITERS: dict[OutputFormat, type[RowWriter]] = {
+    "csv": CsvRowWriter,
+    "jsonl": JsonlRowWriter,
+    "parquet": ParquetRowWriter,
+}
 
 
-def open_writer(path: str | os.PathLike[str], classes: list[str], all_scores: bool) -> RowWriter:
-    """A CSV or JSON Lines writer, chosen by the suffix of `path`."""
+def open_writer(
+    path: str | os.PathLike[str],
+    classes: list[str],
+    all_scores: bool,
+    resume: bool = False,
+) -> RowWriter:
+    """A CSV, JSON Lines or Parquet writer, chosen by the suffix of `path`."""
     writer_class = _WRITERS[output_format(path)]
-    return writer_class(path, classes, all_scores)
+    return writer_class(path, classes, all_scores, resume)
+
+
+def _record(row: Row, classes: list[str], all_scores: bool) -> dict[str, object]:
+    record: dict[str, object] = {
+        "path": row.path,
+        "status": row.status,
+        "labels": row.labels,
+        "top_k": [{"label": label, "score": _round(score)} for label, score in row.top_k],
+        "error": row.error or None,
+    }
+    if all_scores:
+        record["scores"] = (
+            None
+            if row.scores is None
+            else {name: _round(s) for name, s in zip(classes, row.scores, strict=True)}
+        )
+    return record
+
+
+def _open_text(path: Path, mode: str) -> IO[str]:
+    # Linux file names are bytes; one that is not UTF-8 comes back from the walk with
+    # surrogates, and is written back as its own bytes instead of failing the run.
+    return open(path, mode, encoding="utf-8", errors=_PATH_ERRORS, newline="")
+
+
+def _lines(text: str) -> list[str]:
+    # Only "\n" ends a row: str.splitlines would also split on characters such as
+    # U+2028 that a path may hold and JSON leaves unescaped.
+    lines = [line + "\n" for line in text.split("\n")]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
+
+
+def _csv_line(cells: list[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(cells)
+    return buffer.getvalue()
+
+
+def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ConfigError(
+            "Parquet output needs pyarrow: pip install 'imfree[parquet]', or name the "
+            "output .csv or .jsonl"
+        ) from None
+    return pyarrow, pyarrow.parquet
 
 
 def _fmt(score: float) -> str:

@@ -163,3 +163,88 @@ def test_pixel_limit_refuses_before_decoding(photos):
     with Image.open(photos[0]) as image:
         pixels = image.width * image.height
     assert _reason(photos[0], max_pixels=1000) == f"too many pixels ({pixels} > 1000)"
+
+
+# How each EXIF orientation says the stored pixels must be turned to stand upright;
+# a file is stored as the inverse of that turn applied to the upright picture.
+_STORED_AS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("draft", [False, True])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_each_exif_orientation_stands_upright(tmp_path, orientation, draft):
+    # Upright: 320 x 160, red in the top-left quarter, blue elsewhere.
+    upright = Image.new("RGB", (320, 160), BLUE)
+    upright.paste(RED, (0, 0, 160, 80))
+    turn = _STORED_AS[orientation]
+    stored = upright if turn is None else upright.transpose(turn)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(tmp_path, stored, f"o{orientation}.jpg", exif=exif, quality=95)
+
+    image = decode_image(path, 16, 32, interpolation="bilinear", draft=draft)
+
+    assert np.abs(image[3, 3].astype(int) - RED).max() < 40
+    assert np.abs(image[12, 28].astype(int) - BLUE).max() < 40
+    assert np.abs(image[3, 28].astype(int) - BLUE).max() < 40
+
+
+def test_16_bit_rgb_is_scaled_not_clipped(tmp_path):
+    from test_runtime_odd_files import png_16_bit_rgb
+
+    samples = np.zeros((20, 30, 3), np.uint16)
+    samples[..., 0], samples[..., 1], samples[..., 2] = 65535, 257 * 100, 257 * 7
+    (tmp_path / "rgb16.png").write_bytes(png_16_bit_rgb(samples))
+
+    image = decode_image(tmp_path / "rgb16.png", 20, 30, interpolation="nearest")
+
+    assert np.abs(image.astype(int) - [255, 100, 7]).max() <= 1
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_huge_header_is_refused_before_any_pixel_is_read(tmp_path):
+    from test_runtime_odd_files import png_huge_header
+
+    # In-process Pillow's own limit answers first; the decode workers of a run lift it,
+    # so there the run's --max-pixels decides (see test_runtime_odd_files).
+    (tmp_path / "bomb.png").write_bytes(png_huge_header(30_000, 20_000))
+    assert _reason(tmp_path / "bomb.png").startswith("too many pixels")
+    (tmp_path / "big.png").write_bytes(png_huge_header(10_000, 10_001))
+    assert _reason(tmp_path / "big.png") == "too many pixels (100010000 > 100000000)"
+
+
+def test_transparency_goes_onto_the_stated_background(tmp_path):
+    path = _save(tmp_path, Image.new("RGBA", (30, 20), (255, 0, 0, 0)), "clear.png")
+    _assert_colour(_decode(path, background=(0, 0, 255)), BLUE, tolerance=0)
+
+
+def test_draft_decoding_keeps_the_size_and_nearly_the_pixels(tmp_path, photos):
+    big = Image.open(photos[0]).convert("RGB").resize((2400, 1800), Image.Resampling.BICUBIC)
+    path = _save(tmp_path, big, "big.jpg", quality=92)
+
+    exact = decode_image(path, 224, 224)
+    reduced = decode_image(path, 224, 224, draft=True)
+
+    assert reduced.shape == exact.shape == (224, 224, 3)
+    difference = np.abs(reduced.astype(int) - exact.astype(int))
+    assert difference.mean() < 2.0 and 0 < difference.max() < 64
+
+
+def test_draft_leaves_small_jpegs_and_other_formats_alone(tmp_path, photos):
+    png = _save(tmp_path, Image.open(photos[0]), "photo.png")
+    np.testing.assert_array_equal(decode_image(png, 64, 64, draft=True), decode_image(png, 64, 64))
+    # The model's input is larger than half the photo: no reduced scale fits.
+    with Image.open(photos[0]) as image:
+        size = (image.height // 2 + 10, image.width // 2 + 10)
+    np.testing.assert_array_equal(
+        decode_image(photos[0], *size, draft=True), decode_image(photos[0], *size)
+    )

@@ -41,7 +41,8 @@ def inputs(tmp_path, photos) -> Path:
 def _reference_scores(export_dir: Path, paths: list[Path]) -> np.ndarray:
     manifest = read_manifest(export_dir)
     session = onnxruntime.InferenceSession(str(export_dir / "model.onnx"))
-    images = np.stack([decode_image(p, manifest.image_height, manifest.image_width) for p in paths])
+    size = (manifest.image_height, manifest.image_width)
+    images = np.stack([decode_image(p, *size, draft=True) for p in paths])
     return session.run(["scores"], {"images": images})[0]
 
 
@@ -176,6 +177,8 @@ def test_importing_the_runtime_loads_no_torch():
 def test_runtime_sources_import_nothing_across_the_wall():
     banned = ("torch", "open_clip", "imfree.toolkit", "imfree.models", "imfree.export")
     for path in (REPO / "imfree" / "runtime").glob("*.py"):
+        # The PyTorch engine may use torch, and is imported only when chosen.
+        banned_here = banned[1:] if path.name == "torch_engine.py" else banned
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -184,4 +187,4 @@ def test_runtime_sources_import_nothing_across_the_wall():
             else:
                 continue
             for name in names:
-                assert not name.startswith(banned), f"{path.name} imports {name}"
+                assert not name.startswith(banned_here), f"{path.name} imports {name}"

@@ -1,5 +1,7 @@
+import io
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from imfree.errors import ConfigError
 from imfree.runtime import pipeline
 from imfree.runtime.images import decode_image
 from imfree.runtime.pipeline import DecodeSettings, StageTimes, iter_batches
-from imfree.runtime.sources import list_images
+from imfree.runtime.sources import InputSpec, collect_inputs, list_images, read_paths_file
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:
@@ -99,7 +101,7 @@ def test_batches_keep_input_order_and_count_failures(mixed_paths, batch_size, wo
         assert batch.images.shape == (len(batch.good_paths), 24, 20, 3)
         assert batch.good_paths == [p for p in batch.paths if p not in dict(batch.failures)]
     first_good = next(b for b in batches if b.good_paths)
-    expected = decode_image(first_good.good_paths[0], 24, 20)
+    expected = decode_image(first_good.good_paths[0], 24, 20, draft=True)
     np.testing.assert_array_equal(first_good.images[0], expected)
     assert times.decode_seconds > 0
 
@@ -119,20 +121,89 @@ def test_stopping_early_leaves_no_work_behind(mixed_paths):
     batches.close()  # must return promptly: queued decodes are cancelled
 
 
-def test_decoding_runs_at_most_prefetch_batches_ahead(tmp_path, monkeypatch):
-    decoded = []
+def record_and_fake(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
+    """A decoder that logs each path it is given (to the folder's log) and decodes nothing."""
+    with open(path.parent / "decoded.log", "a") as log:
+        log.write(f"{path.name}\n")
+    return np.zeros((decode.height, decode.width, 3), np.uint8), None, 0.001
 
-    def fake_decode(path, height, width, interpolation, max_pixels):
-        decoded.append(path)
-        return np.zeros((height, width, 3), np.uint8)
 
-    monkeypatch.setattr(pipeline, "decode_image", fake_decode)
+def crash_or_decode(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
+    """Kills its own worker on files named crash*, as a codec's segfault would."""
+    if path.name.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return pipeline.decode_file(path, decode)
+
+
+def test_decoding_runs_at_most_prefetch_batches_ahead(tmp_path):
     paths = [tmp_path / f"{i:02d}.jpg" for i in range(20)]
-    batches = iter_batches(paths, DecodeSettings(4, 4), batch_size=2, decode_workers=2, prefetch=2)
+    batches = iter_batches(paths, DecodeSettings(4, 4), batch_size=2, decode_workers=2,
+                           prefetch=2, decoder=record_and_fake)
 
     first = next(batches)
-    time.sleep(0.2)  # time enough for the pool to run ahead as far as it may
+    log = tmp_path / "decoded.log"
+    deadline = time.monotonic() + 20  # the workers run at low priority on a busy machine
+    while len(log.read_text().split()) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # time enough to run further ahead, if they could
 
     assert first.paths == paths[:2]
-    assert len(decoded) == 6  # the batch handed out, and two more
+    assert len(log.read_text().split()) == 6  # this batch and two more
     assert [p for b in batches for p in b.paths] == paths[2:]
+
+
+def test_a_crashed_worker_costs_one_row_and_is_replaced(tmp_path, photos):
+    paths = [Path(shutil.copy(photos[0], tmp_path / f"{i}.jpg")) for i in range(4)]
+    paths.insert(2, _touch(tmp_path / "crash.jpg"))
+    times = StageTimes()
+
+    batches = list(iter_batches(paths, DecodeSettings(8, 8), batch_size=5, decode_workers=1,
+                                times=times, decoder=crash_or_decode))
+
+    (batch,) = batches
+    assert batch.failures == [
+        (paths[2], "decoder crashed (killed by SIGSEGV; worker replaced)")
+    ]
+    assert batch.good_paths == paths[:2] + paths[3:]  # the one worker came back
+    assert times.workers_replaced == 1
+
+
+def test_paths_file_and_stdin_keep_their_order(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("b.jpg\n\na.png\nb.jpg\nsub/c.gif\n")
+
+    assert read_paths_file(str(listing)) == [Path("b.jpg"), Path("a.png"), Path("b.jpg"),
+                                             Path("sub/c.gif")]
+    spec = InputSpec(paths_file="-")
+    assert collect_inputs(spec, io.StringIO("z.jpg\na.jpg\nz.jpg\n")) == [Path("z.jpg"),
+                                                                          Path("a.jpg")]
+
+
+def test_include_and_exclude_globs(tmp_path):
+    for name in ("a.jpg", "b.png", "raw/c.jpg", "raw/d.cr2", "keep/e.JPG"):
+        _touch(tmp_path / name)
+
+    def names(**options):
+        return [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, **options)]
+
+    assert names(exclude=["raw/*"]) == ["a.jpg", "b.png", "keep/e.JPG"]
+    assert names(include=["*.cr2", "*.png"]) == ["b.png", "raw/d.cr2"]
+    assert names(include=["raw/*"], exclude=["*.jpg"]) == ["raw/d.cr2"]
+
+
+def test_following_symlinks_walks_each_real_folder_once(tmp_path):
+    _touch(tmp_path / "photos" / "a.jpg")
+    _touch(tmp_path / "elsewhere" / "b.jpg")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "photos" / "linked")
+    os.symlink(tmp_path / "photos", tmp_path / "photos" / "linked" / "back")  # a loop
+
+    found = list_images(tmp_path / "photos", follow_symlinks=True)
+
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "photos/a.jpg", "photos/linked/b.jpg"]
+    assert list_images(tmp_path / "photos") == [tmp_path / "photos" / "a.jpg"]
+
+
+def test_no_inputs_at_all_is_a_config_error():
+    with pytest.raises(ConfigError, match="no inputs: pass image files or folders"):
+        collect_inputs(InputSpec())

@@ -1,0 +1,241 @@
+"""Images per second of `imfree infer`, against a plain PyTorch loop and the engine alone.
+
+    python benchmarks/infer_throughput.py --model RN50 --images 2000
+
+One run measures, side by side on the same images and model:
+  1. `imfree infer` through the CLI (decode workers, engine, writer), with the
+     engine `auto` picks from the export folder;
+  2. a plain open_clip PyTorch loop: Pillow decodes each file at full size,
+     resizes it as the export expects, and the same model scores batches;
+  3. the engine alone on batches decoded beforehand (its ceiling).
+Arms 2 and 3 run on the first --reference-images images (rates do not depend
+on the count once warm); their decisions are compared with imfree's rows.
+
+The images are the real photos (examples/images) cropped at random and resized
+to camera and web sizes: long side 640 to 4032 pixels, JPEG quality 90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT / "examples" / "images"
+CACHE = Path(tempfile.gettempdir()) / "imfree-bench"
+
+# Long sides: 40% web sizes, 40% downscaled camera, 20% full camera resolution.
+LONG_SIDES = [640, 800, 1024, 1024, 1280, 1600, 2048, 2048, 3024, 4032]
+
+
+def main() -> None:
+    args = _parse()
+    images = realistic_images(CACHE / f"images-{args.images}", args.images)
+    export = args.export or build_export(args.model)
+    manifest = json.loads((export / "imfree_export.json").read_text())
+    reference = sorted(images.glob("*.jpg"))[: args.reference_images]
+    cores = len(os.sched_getaffinity(0))
+    print(f"# {manifest['model'].get('backbone', args.model)}, {args.images} images "
+          f"({_megapixels(images):.1f} MP mean), batch {args.batch}, {cores} cores", flush=True)
+
+    imfree = run_imfree(images, export, args.batch, args.workers, args.threads)
+    print(f"imfree infer: {imfree['rate']:.2f} images/s with {imfree['engine']} "
+          f"({imfree['line']})", flush=True)
+    loop = run_torch_loop(reference, export, args.batch)
+    print(f"PyTorch loop: {loop['rate']:.2f} images/s", flush=True)
+    engine = run_engine_alone(reference, export, args.batch, imfree["engine"])
+    print(f"engine alone: {engine['rate']:.2f} images/s", flush=True)
+
+    agreement = compare_decisions(imfree["rows"], loop, manifest)
+    _print_table(imfree, loop, engine, agreement, len(reference), manifest)
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="RN50", help="backbone of the export built when "
+                        "--export is not given (random weights)")
+    parser.add_argument("--export", type=Path, help="an export folder to use")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--reference-images", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, help="imfree decode workers (default: its own)")
+    parser.add_argument("--threads", type=int, help="imfree engine threads (default: its own)")
+    return parser.parse_args()
+
+
+def realistic_images(folder: Path, count: int) -> Path:
+    """`count` JPEGs made from the real photos at realistic sizes; kept for later runs."""
+    if len(list(folder.glob("*.jpg"))) == count:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    jobs = [(photos[i % len(photos)], folder / f"{i:06d}.jpg", i) for i in range(count)]
+    print(f"writing {count} images to {folder} ...", file=sys.stderr, flush=True)
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_make_image, jobs, chunksize=16))
+    return folder
+
+
+def _make_image(job: tuple[Path, Path, int]) -> None:
+    source, target, seed = job
+    rng = random.Random(seed)
+    with Image.open(source) as photo:
+        photo = photo.convert("RGB")
+        # A random crop of 70-100% per side, so no two files decode alike.
+        width, height = photo.size
+        crop_w, crop_h = int(width * rng.uniform(0.7, 1)), int(height * rng.uniform(0.7, 1))
+        left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+        crop = photo.crop((left, top, left + crop_w, top + crop_h))
+        long_side = rng.choice(LONG_SIDES)
+        scale = long_side / max(crop.size)
+        size = (max(1, round(crop_w * scale)), max(1, round(crop_h * scale)))
+        crop.resize(size, Image.Resampling.BICUBIC).save(target, quality=90)
+
+
+def _megapixels(folder: Path) -> float:
+    sizes = [Image.open(p).size for p in sorted(folder.glob("*.jpg"))[:200]]
+    return float(np.mean([w * h for w, h in sizes])) / 1e6
+
+
+def build_export(model: str) -> Path:
+    """A zero-shot export of `model` with random weights, built once through the CLI."""
+    export = CACHE / f"export-{model}"
+    if (export / "imfree_export.json").exists():
+        return export
+    imfree = [sys.executable, "-m", "imfree.cli"]
+    classifier = CACHE / f"classifier-{model}"
+    for command in (
+        ["train", "--labels", "voc2007", "--zero-shot", "--model", model, "--pretrained",
+         "none", "--hand-prompt", "single", "--out", str(classifier)],
+        ["export", str(classifier), "--out", str(export)],
+    ):
+        subprocess.run(imfree + command, check=True, cwd=ROOT, capture_output=True)
+    return export
+
+
+def run_imfree(images: Path, export: Path, batch: int, workers: int | None,
+               threads: int | None) -> dict:
+    out = CACHE / "bench-tags.jsonl"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "imfree.cli", "infer", str(images), "--model", str(export),
+               "--out", str(out), "--batch", str(batch), "--all-scores"]
+    command += ["--workers", str(workers)] if workers else []
+    command += ["--threads", str(threads)] if threads else []
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"imfree infer failed:\n{done.stderr[-3000:]}")
+    rows = {row["path"]: row for row in map(json.loads, out.read_text().splitlines())}
+    rates = next(line for line in done.stderr.splitlines() if line.startswith("rates:"))
+    return {
+        "rate": len(rows) / seconds,  # start-up included, as a user sees it
+        "engine": done.stdout.split("engine ", 1)[1].split(":", 1)[0],
+        "line": rates,
+        "rows": rows,
+        "seconds": seconds,
+    }
+
+
+def run_torch_loop(paths: list[Path], export: Path, batch: int) -> dict:
+    """What a user would write with open_clip alone: decode, resize, score, in one loop."""
+    import torch
+
+    from imfree.export.graph import ScoringGraph
+    from imfree.models import load_backbone
+    from imfree.toolkit.artifact import load_artifact
+
+    manifest = json.loads((export / "imfree_export.json").read_text())
+    artifact = load_artifact(Path(manifest["model"]["artifact"]))
+    backbone = load_backbone(artifact.model_name, manifest["model"]["pretrained"])
+    graph = ScoringGraph(backbone, artifact).eval()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    size = (manifest["image_width"], manifest["image_height"])
+
+    def load(path: Path) -> np.ndarray:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+            return np.asarray(image)
+
+    with torch.inference_mode():
+        graph(torch.from_numpy(np.stack([load(paths[0])])))  # warm-up
+        scores, started = [], time.perf_counter()
+        for start in range(0, len(paths), batch):
+            images = np.stack([load(p) for p in paths[start : start + batch]])
+            scores.append(graph(torch.from_numpy(images)).numpy())
+        seconds = time.perf_counter() - started
+    return {"rate": len(paths) / seconds, "scores": np.concatenate(scores), "paths": paths}
+
+
+def run_engine_alone(paths: list[Path], export: Path, batch: int, engine_name: str) -> dict:
+    from imfree.runtime.bundle import read_manifest
+    from imfree.runtime.engines import open_engine
+    from imfree.runtime.images import decode_image
+
+    manifest = read_manifest(export)
+    size = (manifest.image_height, manifest.image_width)
+    images = np.stack([decode_image(p, *size, draft=True) for p in paths])  # not timed
+    engine = open_engine(export, manifest, engine_name,
+                         intra_threads=len(os.sched_getaffinity(0)))
+    engine.run(images[:batch])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(images), batch):
+        engine.run(images[start : start + batch])
+    seconds = time.perf_counter() - started
+    engine.close()
+
+    # What reduced-scale decoding changes in the pixels the model sees.
+    exact = np.stack([decode_image(p, *size) for p in paths[:100]]).astype(np.int16)
+    change = np.abs(images[:100].astype(np.int16) - exact)
+    return {"rate": len(images) / seconds, "pixel_mean": float(change.mean()),
+            "pixel_p99": float(np.percentile(change, 99))}
+
+
+def compare_decisions(rows: dict, loop: dict, manifest: dict) -> dict:
+    classes, threshold = manifest["classes"], manifest["threshold"]
+    ours = np.array([[rows[str(p)]["scores"][c] for c in classes] for p in loop["paths"]])
+    theirs = loop["scores"]
+    return {
+        "max_diff": float(np.abs(ours - theirs).max()),
+        "mean_diff": float(np.abs(ours - theirs).mean()),
+        "same_decisions": float(((ours >= threshold) == (theirs >= threshold)).all(1).mean()),
+        "same_top1": float((ours.argmax(1) == theirs.argmax(1)).mean()),
+    }
+
+
+def _print_table(imfree: dict, loop: dict, engine: dict, agreement: dict, reference: int,
+                 manifest: dict) -> None:
+    print()
+    print("| arm | images/s | vs imfree |")
+    print("|---|---|---|")
+    print(f"| imfree infer ({imfree['engine']}, CLI start-up included) | {imfree['rate']:.2f} "
+          "| 1.00 |")
+    print(f"| plain PyTorch loop (full decode) | {loop['rate']:.2f} | "
+          f"{loop['rate'] / imfree['rate']:.2f} |")
+    print(f"| {imfree['engine']} alone, pre-decoded | {engine['rate']:.2f} | "
+          f"{engine['rate'] / imfree['rate']:.2f} |")
+    print()
+    print(f"imfree / PyTorch loop: {imfree['rate'] / loop['rate']:.2f}x (goal >= 4); "
+          f"engine alone / imfree: {engine['rate'] / imfree['rate']:.2f}x (goal <= 1.3)")
+    print(f"decisions on {reference} images, imfree (reduced-scale JPEG decoding) vs PyTorch "
+          f"(full decode), threshold {manifest['threshold']:.3g}: "
+          f"{agreement['same_decisions']:.1%} of images with identical label sets, "
+          f"{agreement['same_top1']:.1%} same top class; score difference max "
+          f"{agreement['max_diff']:.2e}, mean {agreement['mean_diff']:.2e}")
+    print(f"pixels (0-255) after reduced-scale vs full decoding: mean difference "
+          f"{engine['pixel_mean']:.2f}, 99th percentile {engine['pixel_p99']:.0f}")
+
+
+if __name__ == "__main__":
+    main()
