@@ -7,7 +7,10 @@ so this measures the PyTorch path of the exported graph: images per second in
 FP32 and FP16 (autocast) per batch size after a warm-up, with CUDA synchronised
 around each timing, and the FP16 score drift against FP32 on the real photos.
 Random weights (`--pretrained none`) unless a checkpoint is given: the timing
-does not depend on the weights.
+does not depend on the weights. With `--export DIR` (an export written with
+`--torch`, and `--fp16` for onnxruntime-gpu machines) it also runs `imfree
+bench` on the GPU engines, each gated against the export's saved reference
+before it is timed.
 """
 
 from __future__ import annotations
@@ -57,6 +60,16 @@ def main() -> None:
             print(f"| {precision} | {size} | {size / seconds:.0f} | {seconds * 1e3:.2f} |",
                   flush=True)
 
+    if args.export:
+        from imfree.runtime.bench import BenchConfig, run_bench
+
+        result = run_bench(BenchConfig(
+            export_dir=args.export, out=args.export.parent / "gpu-bench",
+            engines=["torch", "torch-compile", "ort-cuda-fp16", "ort-cuda", "tensorrt"],
+            batches=args.batches, images=PHOTOS, iters=args.iters,
+        ))
+        print(result.table_path.read_text())
+
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,6 +77,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--pretrained", default="none")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--export", type=Path, help="also bench this export's GPU engines")
     return parser.parse_args()
 
 

@@ -79,7 +79,8 @@ def metadata(model):
 
 def test_export_writes_model_and_manifest(export_result):
     folder = export_result.folder
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["model.onnx", MANIFEST_NAME])
+    expected = ["model.onnx", "parity_reference.npz", MANIFEST_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
 
 
 def test_manifest_describes_the_graph(export_result, trained_artifacts, tiny_model_name):
@@ -282,15 +283,38 @@ def test_empty_folder_is_accepted(reuse_onnx, tmp_path, trained_artifacts, real_
 
 def test_reexport_replaces_an_existing_export(tmp_path, exports, trained_artifacts, real_photos):
     out = shutil.copytree(exports("imfree-tiny-rn").folder, tmp_path / "export")
-    (out / "stale.txt").write_text("from the old export")
     result = export_artifact(ExportConfig(
         artifact=trained_artifacts("imfree-tiny-rn"), out=out, threshold=0.5,
         parity_images=real_photos, parity_batches=(1, 2),
     ))
     assert result.folder == out
-    assert sorted(p.name for p in out.iterdir()) == sorted(["model.onnx", MANIFEST_NAME])
+    expected = ["model.onnx", "parity_reference.npz", MANIFEST_NAME]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     assert read_manifest(out).threshold == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no .old or .partial
+
+
+def test_reexport_refuses_an_export_holding_files_of_the_users(
+    tmp_path, exports, trained_artifacts, real_photos
+):
+    out = shutil.copytree(exports("imfree-tiny-rn").folder, tmp_path / "export")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="notes.txt"):
+        export_artifact(ExportConfig(
+            artifact=trained_artifacts("imfree-tiny-rn"), out=out,
+            parity_images=real_photos, parity_batches=(1,),
+        ))
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_fake_manifest_does_not_make_a_folder_replaceable(tmp_path, trained_artifacts):
+    out = tmp_path / "fake"
+    out.mkdir()
+    (out / MANIFEST_NAME).write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="damaged export"):
+        export_artifact(ExportConfig(artifact=trained_artifacts("imfree-tiny-rn"), out=out))
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_tensorrt_unavailable_fails_before_onnx_work(monkeypatch, tmp_path, trained_artifacts):

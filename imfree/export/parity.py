@@ -1,14 +1,14 @@
-"""The parity gate: an engine must give PyTorch's scores before its export is kept.
+"""The parity gate at export time: an engine must give PyTorch's scores before it is kept.
 
-Each check prints one line with a tick or a cross; a failed gate raises one
-error that lists every failure.
+The comparison itself lives in imfree.runtime.gate, so the runtime can gate an
+engine against the reference the export saves; this module supplies the live
+PyTorch FP32 reference and the gate's images.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,32 +16,21 @@ import torch
 
 from imfree.errors import ExportError
 from imfree.export.graph import ScoringGraph
+from imfree.runtime.gate import (
+    DEFAULT_BATCHES,
+    TOLERANCES,
+    ParityReport,
+    Reference,
+    Tolerances,
+    gate,
+)
 from imfree.runtime.images import DecodeError, decode_image
 from imfree.runtime.sources import list_images
 
+__all__ = ["DEFAULT_BATCHES", "TOLERANCES", "ParityReport", "Tolerances", "check_parity",
+           "parity_images", "reference_outputs", "require_parity"]
+
 logger = logging.getLogger(__name__)
-
-DEFAULT_BATCHES = (1, 7, 32)
-
-
-@dataclass
-class Tolerances:
-    score_abs: float = 1e-4  # scores are probabilities: a few ulps of float32 after mixing
-    embedding_cosine: float = 0.9999
-    flips: int = 0  # thresholded decisions that may change
-
-
-@dataclass
-class ParityReport:
-    engine: str
-    images: str
-    lines: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    max_score_diff: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
 
 
 def parity_images(
@@ -77,92 +66,50 @@ def parity_images(
     return np.stack(images), source
 
 
+@torch.no_grad()
+def reference_outputs(
+    graph: ScoringGraph, photos: Path | None, image_size: tuple[int, int], threshold: float,
+    count: int = max(DEFAULT_BATCHES),
+) -> Reference:
+    """PyTorch FP32's outputs on the gate's images: what every engine is held to."""
+    images, source = parity_images(photos, image_size, count)
+    output = graph(torch.from_numpy(images))
+    scores, embeddings = output if isinstance(output, tuple) else (output, None)
+    return Reference(
+        images=images, scores=scores.numpy(),
+        embeddings=None if embeddings is None else embeddings.numpy(),
+        threshold=threshold, source=source,
+    )
+
+
 def check_parity(
-    graph: ScoringGraph,
+    graph: ScoringGraph | Reference,
     run_engine: Callable[[np.ndarray], dict[str, np.ndarray]],
     engine_name: str,
-    photos: Path | None,
-    image_size: tuple[int, int],
-    threshold: float,
+    photos: Path | None = None,
+    image_size: tuple[int, int] | None = None,
+    threshold: float | None = None,
     batches: tuple[int, ...] = DEFAULT_BATCHES,
     tolerances: Tolerances | None = None,
+    precision: str = "fp32",
 ) -> ParityReport:
-    """Compare `run_engine` with PyTorch FP32 at each batch size."""
-    tolerances = tolerances or Tolerances()
-    images, source = parity_images(photos, image_size, max(batches))
-    report = ParityReport(engine=engine_name, images=source)
+    """Compare `run_engine` with PyTorch FP32 at each batch size.
 
-    for batch in batches:
-        expected = _reference(graph, images[:batch])
-        got = run_engine(images[:batch])
-        _compare(report, batch, expected, got, threshold, tolerances)
-
-    verdict = "kept" if report.passed else "refused"
-    logger.info("parity of %s against PyTorch FP32 on %s: %s", engine_name, source, verdict)
-    return report
+    `graph` is the live PyTorch graph (its reference is computed here) or a
+    reference already computed, so several engines share one PyTorch run.
+    """
+    if isinstance(graph, Reference):
+        reference = graph
+    else:
+        if image_size is None or threshold is None:
+            raise TypeError("check_parity needs image_size and threshold with a live graph")
+        reference = reference_outputs(graph, photos, image_size, threshold, max(batches))
+    return gate(run_engine, reference, engine_name, precision, batches, tolerances)
 
 
 def require_parity(report: ParityReport) -> None:
     if not report.passed:
         raise ExportError(
-            f"{report.engine} failed its parity gate against PyTorch, so the export was not "
-            f"kept: {'; '.join(report.failures)}"
+            f"{report.engine} ({report.precision}) failed its parity gate against PyTorch "
+            f"FP32, so the export was not kept: {'; '.join(report.failures)}"
         )
-
-
-@torch.no_grad()
-def _reference(graph: ScoringGraph, images: np.ndarray) -> dict[str, np.ndarray]:
-    output = graph(torch.from_numpy(images))
-    if isinstance(output, tuple):
-        return {"scores": output[0].numpy(), "embeddings": output[1].numpy()}
-    return {"scores": output.numpy()}
-
-
-def _compare(
-    report: ParityReport,
-    batch: int,
-    expected: dict[str, np.ndarray],
-    got: dict[str, np.ndarray],
-    threshold: float,
-    tolerances: Tolerances,
-) -> None:
-    scores, reference = got.get("scores"), expected["scores"]
-    problems = []
-    if scores is None or scores.shape != reference.shape:
-        shape = None if scores is None else scores.shape
-        problems.append(f"scores shape {shape}, expected {reference.shape}")
-        diff = float("inf")
-    else:
-        problems += _degenerate(scores)
-        diff = float(np.abs(scores.astype(np.float64) - reference).max())
-        if not diff <= tolerances.score_abs:
-            problems.append(f"score difference {diff:.2e} > {tolerances.score_abs:.0e}")
-        flips = int(((scores >= threshold) != (reference >= threshold)).sum())
-        if flips > tolerances.flips:
-            problems.append(f"{flips} decisions flip at threshold {threshold:.3g}")
-    report.max_score_diff = max(report.max_score_diff, diff)
-
-    detail = f"max score diff {diff:.2e}"
-    if "embeddings" in expected and "embeddings" in got:
-        cosine = _min_cosine(got["embeddings"], expected["embeddings"])
-        detail += f", min embedding cosine {cosine:.6f}"
-        if not cosine >= tolerances.embedding_cosine:
-            problems.append(f"embedding cosine {cosine:.6f} < {tolerances.embedding_cosine}")
-
-    mark = "✓" if not problems else "✗"
-    report.lines.append(f"{mark} batch {batch:>3}: {detail}")
-    report.failures += [f"batch {batch}: {p}" for p in problems]
-
-
-def _degenerate(scores: np.ndarray) -> list[str]:
-    if not np.isfinite(scores).all():
-        return ["scores hold NaN or infinity"]
-    if scores.shape[0] > 1 and np.ptp(scores, axis=0).max() == 0.0:
-        return ["scores are the same for every image"]
-    return []
-
-
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return float((a * b).sum(axis=-1).min())

@@ -34,6 +34,7 @@ ENGINE_RECORD_KEYS = (
     "tensorrt_version",
     "onnx_sha256",
 )
+VARIANT_RECORD_KEYS = ("file", "precision", "sha256")
 
 # The fix for every damaged or mismatched export folder.
 REEXPORT_HINT = "run `imfree export ARTIFACT --out DIR` to write a fresh export folder"
@@ -57,6 +58,10 @@ class ExportManifest:
     interpolation: str = "bicubic"
     onnx_file: str = "model.onnx"
     tensorrt_engines: list[dict[str, Any]] = field(default_factory=list)
+    # Other ONNX graphs of the same model, each gated on parity at export:
+    # {"file", "precision" ("int8" | "fp16"), "sha256", "device", "parity": {...}}.
+    onnx_variants: list[dict[str, Any]] = field(default_factory=list)
+    torch_program: str | None = None  # a torch.export program (.pt2) for --engine torch
     model: dict[str, Any] = field(default_factory=dict)  # backbone, pretrained tag, artifact
     versions: dict[str, str] = field(default_factory=dict)  # package versions at export
 
@@ -166,11 +171,17 @@ def _field_problems(m: ExportManifest) -> list[str]:
     for name in ("mean", "std"):
         if not _is_list_of(getattr(m, name), (int, float)) or len(getattr(m, name)) != 3:
             problems.append(f"{name} must list 3 numbers")
-    if not isinstance(m.threshold, (int, float)) or isinstance(m.threshold, bool):
-        problems.append(f"threshold must be a number, not {m.threshold!r}")
+    if (not isinstance(m.threshold, (int, float)) or isinstance(m.threshold, bool)
+            or not 0.0 <= m.threshold <= 1.0):
+        problems.append(f"threshold must be a number in [0, 1], not {m.threshold!r}")
     for name in ("input_name", "scores_output", "onnx_file", "onnx_sha256"):
         if not isinstance(getattr(m, name), str) or not getattr(m, name):
             problems.append(f"{name} must be a non-empty string")
+    variants = m.onnx_variants if isinstance(m.onnx_variants, list) else []
+    files = [m.onnx_file, m.torch_program] + [r.get("file") for r in variants
+                                               if isinstance(r, dict)]
+    if any(isinstance(f, str) and Path(f).name != f for f in files):
+        problems.append("graph files must be plain names inside the export folder")
     if m.embeddings_output is not None and not isinstance(m.embeddings_output, str):
         problems.append("embeddings_output must be a string or null")
     if not isinstance(m.model, dict) or not isinstance(m.versions, dict):
@@ -182,7 +193,27 @@ def _field_problems(m: ExportManifest) -> list[str]:
             f"interpolation {m.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
         )
     problems.extend(_engine_record_problems(m.tensorrt_engines))
+    problems.extend(_variant_record_problems(m.onnx_variants))
+    if m.torch_program is not None and (not isinstance(m.torch_program, str)
+                                        or not m.torch_program):
+        problems.append("torch_program must be a file name or null")
     return problems
+
+
+def _variant_record_problems(records: Any) -> list[str]:
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return ["onnx_variants must be a list of objects"]
+    problems = []
+    for index, record in enumerate(records):
+        missing = [key for key in VARIANT_RECORD_KEYS if key not in record]
+        if missing:
+            problems.append(f"onnx_variants[{index}] lacks {', '.join(missing)}")
+    return problems
+
+
+def find_variant(manifest: ExportManifest, precision: str) -> dict[str, Any] | None:
+    """The manifest's ONNX variant of `precision`, or None if the export holds none."""
+    return next((v for v in manifest.onnx_variants if v.get("precision") == precision), None)
 
 
 def _engine_record_problems(records: Any) -> list[str]:

@@ -1,7 +1,11 @@
 """Inference engines for an export folder, and the choice between them.
 
 `auto` takes the fastest engine this machine can run: a TensorRT engine built
-for this GPU, then onnxruntime on CUDA, then onnxruntime on the CPU.
+for this GPU, then onnxruntime on CUDA (the FP16 graph if the export has one),
+then onnxruntime on the CPU (the INT8 graph if the export has one). Every
+variant the export holds passed its parity gate there; an engine the export
+could not try (anything on a GPU) is gated when it opens, against the
+reference outputs the export saved, and refused if it strays.
 """
 
 from __future__ import annotations
@@ -16,18 +20,28 @@ import onnxruntime
 
 from imfree.errors import BundleError, ConfigError, EngineUnavailable
 from imfree.runtime import tensorrt_runner
-from imfree.runtime.bundle import REEXPORT_HINT, ExportManifest
+from imfree.runtime.bundle import REEXPORT_HINT, ExportManifest, find_variant, sha256_file
+from imfree.runtime.gate import REFERENCE_FILE, load_reference
+from imfree.runtime.gate import gate as run_gate
 
 logger = logging.getLogger(__name__)
 
-EngineChoice = Literal["auto", "tensorrt", "ort-cuda", "ort-cpu"]
+EngineChoice = Literal[
+    "auto", "tensorrt", "ort-cuda", "ort-cpu", "ort-cuda-fp16", "ort-cpu-int8",
+    "torch", "torch-compile",
+]
 ENGINE_CHOICES: tuple[str, ...] = get_args(EngineChoice)
+# The precision each named engine runs at (TensorRT's comes from its engine record).
+ENGINE_PRECISION = {"ort-cuda": "fp32", "ort-cuda-fp16": "fp16", "ort-cpu": "fp32",
+                    "ort-cpu-int8": "int8", "torch": "fp32", "torch-compile": "fp32"}
 
 # A provider name, or a name with its options, as onnxruntime takes them.
 Provider = str | tuple[str, dict]
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
+# The torch program's second output: the pooled embedding, always in the program.
+EMBEDDINGS_OUTPUT = "embeddings"
 
 
 class Engine(Protocol):
@@ -52,6 +66,7 @@ class OrtEngine:
         onnx_path: str | os.PathLike[str],
         providers: list[Provider],
         intra_threads: int | None = None,
+        precision: str = "fp32",
     ):
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -76,6 +91,9 @@ class OrtEngine:
                 running[0],
             )
         self.name = "ort-cuda" if running[0] == _CUDA else "ort-cpu"
+        self.precision = precision
+        if precision != "fp32":
+            self.name += f"-{precision}"
 
     @property
     def input_name(self) -> str:
@@ -103,27 +121,83 @@ def open_engine(
     *,
     intra_threads: int | None = None,
     device: int = 0,
+    gate: bool = True,
 ) -> Engine:
-    """The engine `choice` for the export in `folder`; `auto` takes the fastest that runs."""
+    """The engine `choice` for the export in `folder`; `auto` takes the fastest that runs.
+
+    With `gate`, an engine on a GPU is checked against the export's saved
+    reference outputs before it is returned, and refused if it strays.
+    """
     folder = Path(folder)
     check_engine_choice(choice)
 
     if choice == "auto":
-        engine = _open_fastest(folder, manifest, intra_threads, device)
-    elif choice == "tensorrt":
+        engine = _open_fastest(folder, manifest, intra_threads, device, gate)
+    else:
+        engine = _open_choice(folder, manifest, choice, intra_threads, device, gate)
+    logger.info("engine: %s", engine.name)
+    return engine
+
+
+def _open_choice(
+    folder: Path, manifest: ExportManifest, choice: str, intra_threads: int | None,
+    device: int, gate: bool,
+) -> Engine:
+    if choice == "tensorrt":
         engine = _open_tensorrt(folder, manifest, device)
-    elif choice == "ort-cuda":
-        engine = _open_ort_cuda(folder, manifest, intra_threads, device)
-        if engine.name != "ort-cuda":
+    elif choice in ("ort-cuda", "ort-cuda-fp16"):
+        precision = ENGINE_PRECISION[choice]
+        engine = _open_ort_cuda(folder, manifest, intra_threads, device, precision)
+        if not engine.name.startswith("ort-cuda"):
             raise EngineUnavailable(
                 "onnxruntime could not start on CUDA (see the warning "
                 "above); run with --engine ort-cpu, or fix the CUDA setup"
             )
+    elif choice in ("torch", "torch-compile"):
+        engine = _open_torch(folder, manifest, choice == "torch-compile", device)
     else:
-        engine = _open_ort(folder, manifest, [_CPU], intra_threads)
+        engine = _open_ort(folder, manifest, [_CPU], intra_threads, ENGINE_PRECISION[choice])
 
-    logger.info("engine: %s", engine.name)
+    # What the export already gated (onnxruntime and PyTorch on the CPU) is not gated again.
+    on_cpu = engine.name.startswith("ort-cpu") or getattr(engine, "device", "") == "cpu"
+    if gate and not on_cpu:
+        _gate_on_open(engine, folder, manifest)
     return engine
+
+
+def _gate_on_open(engine: Engine, folder: Path, manifest: ExportManifest) -> None:
+    reference = load_reference(folder)
+    if reference is None:
+        logger.warning("%s: the export holds no %s, so this engine is not checked against "
+                       "PyTorch; re-export to add it", engine.name, REFERENCE_FILE)
+        return
+    precision = getattr(engine, "precision", "fp32")
+    report = run_gate(engine.run, reference, engine.name, precision,
+                      scores_output=manifest.scores_output,
+                      embeddings_output=manifest.embeddings_output)
+    for line in report.lines:
+        logger.debug("  %s", line)
+    if not report.passed:
+        engine.close()
+        raise EngineUnavailable(
+            f"{engine.name} ({precision}) failed its parity gate against PyTorch FP32: "
+            f"{'; '.join(report.failures)}; run with --engine ort-cpu, or re-export"
+        )
+
+
+def _open_torch(folder: Path, manifest: ExportManifest, compile: bool, device: int) -> Engine:
+    if manifest.torch_program is None:
+        raise EngineUnavailable(
+            "the export holds no PyTorch program; re-export with `imfree export ARTIFACT "
+            "--out DIR --torch`, or run with --engine ort-cpu"
+        )
+    path = folder / manifest.torch_program
+    if not path.is_file():
+        raise BundleError(f"{path} is missing from the export folder; {REEXPORT_HINT}")
+    from imfree.runtime.torch_engine import TorchEngine  # imports torch: only on request
+
+    outputs = [manifest.scores_output, EMBEDDINGS_OUTPUT]
+    return TorchEngine(path, outputs, compile=compile, gpu=device)
 
 
 def _provider_name(provider: Provider) -> str:
@@ -131,21 +205,25 @@ def _provider_name(provider: Provider) -> str:
 
 
 def _open_fastest(
-    folder: Path, manifest: ExportManifest, intra_threads: int | None, device: int
+    folder: Path, manifest: ExportManifest, intra_threads: int | None, device: int, gate: bool
 ) -> Engine:
     # Importing TensorRT takes seconds: only try it when the export holds an engine.
+    candidates = []
     if manifest.tensorrt_engines:
+        candidates.append("tensorrt")
+    if find_variant(manifest, "fp16"):
+        candidates.append("ort-cuda-fp16")
+    candidates.append("ort-cuda")
+    if find_variant(manifest, "int8"):
+        candidates.append("ort-cpu-int8")
+
+    for choice in candidates:
         try:
-            return _open_tensorrt(folder, manifest, device)
+            return _open_choice(folder, manifest, choice, intra_threads, device, gate)
         except EngineUnavailable as error:
             # The export was built for TensorRT, so falling back is worth a warning.
-            logger.warning("TensorRT skipped: %s", error)
-
-    try:
-        return _open_ort_cuda(folder, manifest, intra_threads, device)
-    except EngineUnavailable as error:
-        logger.debug("onnxruntime CUDA skipped: %s", error)
-
+            log = logger.warning if choice == "tensorrt" else logger.debug
+            log("%s skipped: %s", choice, error)
     return _open_ort(folder, manifest, [_CPU], intra_threads)
 
 
@@ -159,11 +237,19 @@ def _open_tensorrt(folder: Path, manifest: ExportManifest, device: int) -> Engin
             f"the TensorRT engine {path} listed in the manifest is missing; "
             f"{tensorrt_runner.REBUILD_HINT}"
         )
-    return tensorrt_runner.TensorRTEngine(path, manifest.input_name, device)
+    if record.get("onnx_sha256") != manifest.onnx_sha256:
+        raise EngineUnavailable(
+            f"the TensorRT engine {path} was built from another ONNX graph than this "
+            f"export's {manifest.onnx_file}; {tensorrt_runner.REBUILD_HINT}"
+        )
+    engine = tensorrt_runner.TensorRTEngine(path, manifest.input_name, device)
+    engine.precision = record["precision"]
+    return engine
 
 
 def _open_ort_cuda(
-    folder: Path, manifest: ExportManifest, intra_threads: int | None, device: int
+    folder: Path, manifest: ExportManifest, intra_threads: int | None, device: int,
+    precision: str = "fp32",
 ) -> OrtEngine:
     available = onnxruntime.get_available_providers()
     if _CUDA not in available:
@@ -173,17 +259,33 @@ def _open_ort_cuda(
             "NVIDIA GPU, or run with --engine ort-cpu"
         )
     providers = [(_CUDA, {"device_id": device}), _CPU]
-    return _open_ort(folder, manifest, providers, intra_threads)
+    return _open_ort(folder, manifest, providers, intra_threads, precision)
 
 
 def _open_ort(
-    folder: Path, manifest: ExportManifest, providers: list[Provider], intra_threads: int | None
+    folder: Path, manifest: ExportManifest, providers: list[Provider], intra_threads: int | None,
+    precision: str = "fp32",
 ) -> OrtEngine:
-    path = folder / manifest.onnx_file
+    file, expected = manifest.onnx_file, manifest.onnx_sha256
+    if precision != "fp32":
+        variant = find_variant(manifest, precision)
+        if variant is None:
+            flags = "--int8 --calibrate FOLDER" if precision == "int8" else "--fp16"
+            raise EngineUnavailable(
+                f"the export holds no {precision.upper()} graph; re-export with "
+                f"`imfree export ARTIFACT --out DIR {flags}`, or run with --engine ort-cpu"
+            )
+        file, expected = variant["file"], variant["sha256"]
+    path = folder / file
     if not path.is_file():
         raise BundleError(f"{path} is missing from the export folder; {REEXPORT_HINT}")
+    # A graph swapped or cut short since the export would give wrong scores or
+    # a parser crash; the manifest's hash catches both before the session opens.
+    if sha256_file(path) != expected:
+        raise BundleError(f"{path} is not the graph this export was made with (its hash "
+                          f"differs from the manifest's); {REEXPORT_HINT}")
 
-    engine = OrtEngine(path, providers, intra_threads)
+    engine = OrtEngine(path, providers, intra_threads, precision)
     if engine.input_name != manifest.input_name:
         raise BundleError(
             f"{path} takes input {engine.input_name!r} but the manifest says "

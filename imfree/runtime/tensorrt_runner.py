@@ -84,11 +84,14 @@ def probe_machine(device: int = 0) -> MachineInfo:
     )
 
 
-def select_engine_record(records: list[dict[str, Any]], machine: MachineInfo) -> dict[str, Any]:
+def select_engine_record(
+    records: list[dict[str, Any]], machine: MachineInfo, onnx_sha256: str | None = None
+) -> dict[str, Any]:
     """The first engine record built for this machine's GPU and TensorRT release.
 
     A serialized engine only runs on the TensorRT release that built it, and is
-    tuned for one GPU model, so any other is refused with how to rebuild.
+    tuned for one GPU model, so any other is refused with how to rebuild; so is
+    an engine built from another graph than the export's (`onnx_sha256`).
     """
     if not records:
         raise EngineUnavailable(f"the export holds no TensorRT engine; {REBUILD_HINT}")
@@ -96,6 +99,8 @@ def select_engine_record(records: list[dict[str, Any]], machine: MachineInfo) ->
     mismatches = []
     for record in records:
         differences = _differences(record, machine)
+        if onnx_sha256 is not None and record.get("onnx_sha256") != onnx_sha256:
+            differences.append("built from another ONNX graph than this export's")
         if not differences:
             return record
         mismatches.append(f"{record.get('file')}: {', '.join(differences)}")
