@@ -7,11 +7,13 @@ them, so `imfree infer` and `imfree --help` start fast.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+import typer.core
 
 from imfree.errors import ImfreeError
 
@@ -23,7 +25,12 @@ app = typer.Typer(
     add_completion=False,
 )
 
-Engine = Literal["auto", "tensorrt", "ort-cuda", "ort-cpu"]
+# What `imfree[train]` adds to the runtime install.
+_TRAINING_PACKAGES = ("torch", "torchvision", "open_clip", "onnx", "onnxscript", "safetensors")
+
+Engine = Literal["auto", "tensorrt", "ort-cuda", "ort-cpu", "ort-cuda-fp16", "ort-cpu-int8",
+                 "torch", "torch-compile"]
+TrtPrecision = Literal["fp16", "fp32", "int8"]
 HandPrompt = Literal["single", "ensemble"]
 
 
@@ -43,8 +50,10 @@ def _options(
 
 @app.command()
 def train(
-    labels: Annotated[str | None, typer.Option(help="Bundled label set (voc2007) or a "
-                                               "label-set folder.")] = None,
+    labels: Annotated[str | None, typer.Option(help="Bundled label set (voc2007, coco2014, "
+                                               "nuswide), a label-set folder, a corpus "
+                                               "inside one, or a label text file (then "
+                                               "--corpus).")] = None,
     model: Annotated[str | None, typer.Option(help="open_clip model name, or imfree-tiny-rn / "
                                               "imfree-tiny-vit.")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Pretrained tag, checkpoint file, or "
@@ -94,10 +103,23 @@ def train(
 def export(
     artifact: Annotated[Path, typer.Argument(help="Folder written by `imfree train`.")],
     out: Annotated[Path, typer.Option(help="Export folder to write.")],
-    trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT FP16 engine "
+    trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT engine "
                                       "(needs TensorRT and an NVIDIA GPU).")] = False,
+    trt_precision: Annotated[TrtPrecision, typer.Option(help="TensorRT precision; int8 needs "
+                                                        "--calibrate.")] = "fp16",
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of the TensorRT "
                                            "profile.")] = 256,
+    opt_batch: Annotated[int | None, typer.Option(min=1, help="Batch TensorRT tunes for "
+                                                  "(default: --max-batch).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8 graph for the CPU "
+                                       "(needs --calibrate).")] = False,
+    calibrate: Annotated[Path | None, typer.Option(
+        help="Folder of unlabelled photos for INT8 calibration.", exists=True,
+        file_okay=False)] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an FP16 graph for "
+                                       "onnxruntime CUDA.")] = False,
+    torch_program: Annotated[bool, typer.Option("--torch", help="Also save a torch.export "
+                                                "program for --engine torch.")] = False,
     embeddings: Annotated[bool, typer.Option("--embeddings", help="Also output the pooled "
                                              "image embedding.")] = False,
     threshold: Annotated[float | None, typer.Option(help="Default decision threshold "
@@ -112,14 +134,21 @@ def export(
     from imfree.export.exporter import ExportConfig, export_artifact
 
     result = export_artifact(ExportConfig(
-        artifact=artifact, out=out, trt=trt, max_batch=max_batch, embeddings=embeddings,
-        threshold=threshold, weights=weights, parity_images=parity_images,
+        artifact=artifact, out=out, trt=trt, trt_precision=trt_precision, max_batch=max_batch,
+        opt_batch=opt_batch, int8=int8, calibrate=calibrate, fp16=fp16,
+        torch_program=torch_program, embeddings=embeddings, threshold=threshold,
+        weights=weights, parity_images=parity_images,
     ))
     for report in result.parity:
-        typer.echo(f"parity of {report.engine} against PyTorch on {report.images}:")
+        typer.echo(f"parity of {report.engine} ({report.precision}) against PyTorch on "
+                   f"{report.images}:")
         for line in report.lines:
             typer.echo(f"  {line}")
         typer.echo(f"  largest score difference: {report.max_score_diff:.2e}")
+    for variant in result.manifest.onnx_variants:
+        typer.echo(f"{variant['precision'].upper()} graph: {variant['file']}")
+    if result.manifest.torch_program:
+        typer.echo(f"PyTorch program: {result.manifest.torch_program}")
     for engine in result.manifest.tensorrt_engines:
         typer.echo(f"TensorRT {engine['precision']} engine: {engine['file']}")
     typer.echo(f"export written to {result.folder}")
@@ -127,34 +156,102 @@ def export(
 
 @app.command()
 def infer(
-    inputs: Annotated[Path, typer.Argument(help="Image file or folder (walked recursively).")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Export folder from "
                                         "`imfree export`.")],
-    out: Annotated[Path, typer.Option(help="Output file: .csv or .jsonl.")],
+    out: Annotated[Path, typer.Option(help="Output file: .csv, .jsonl or .parquet.")],
+    inputs: Annotated[list[Path] | None, typer.Argument(
+        help="Image files and folders (folders walked recursively, in sorted order).")] = None,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1)] = 256,
     engine: Annotated[Engine, typer.Option(help="Engine; auto takes TensorRT, then "
                                            "onnxruntime CUDA, then onnxruntime CPU.")] = "auto",
     threshold: Annotated[float | None, typer.Option(help="Decision threshold (default: "
                                                     "the export's).")] = None,
+    thresholds: Annotated[Path | None, typer.Option(
+        help="Per-class thresholds: JSON {class: t} or CSV lines class,t; classes left "
+        "out take --threshold.", exists=True, dir_okay=False)] = None,
     top_k: Annotated[int, typer.Option(min=0, help="Top classes per row.")] = 5,
     all_scores: Annotated[bool, typer.Option("--all-scores", help="Write every class's "
                                              "score.")] = False,
-    workers: Annotated[int | None, typer.Option(min=1, help="Decode threads (default: "
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the rows already in the "
+                                         "output (or its partial file) and tag the rest.")] = False,
+    paths_from: Annotated[str | None, typer.Option(
+        help="File listing image paths, one per line; - reads standard input.")] = None,
+    include: Annotated[list[str] | None, typer.Option(
+        help="Glob of files to take in folders (replaces the image suffixes; repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="Glob of files to leave out (repeatable).")] = None,
+    follow_symlinks: Annotated[bool, typer.Option(
+        "--follow-symlinks", help="Walk into symlinked folders (loops are detected).")] = False,
+    workers: Annotated[int | None, typer.Option(min=1, help="Decode processes (default: "
                                                 "cores - 1).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Engine threads on the CPU "
+                                                "(default: all cores).")] = None,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Larger images become error rows "
+                                            "instead of exhausting memory.")] = 100_000_000,
+    exact_decode: Annotated[bool, typer.Option(
+        "--exact-decode", help="Decode JPEGs at full size before resizing (slower; "
+        "default decodes large JPEGs at a reduced scale).")] = False,
+    decode_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds one file may take "
+                                                  "before its worker is replaced.")] = 60.0,
 ) -> None:
     """Tag every image under INPUTS with an export; one row per file."""
     from imfree.runtime.infer import InferConfig, run_inference
 
     summary = run_inference(InferConfig(
-        inputs=inputs, export_dir=model, out=out, batch_size=batch, engine=engine,
-        threshold=threshold, top_k=top_k, all_scores=all_scores, decode_workers=workers,
-        progress=sys.stderr.isatty(),
+        inputs=list(inputs or []), export_dir=model, out=out, batch_size=batch, engine=engine,
+        threshold=threshold, thresholds_file=thresholds, top_k=top_k, all_scores=all_scores,
+        decode_workers=workers, engine_threads=threads, progress=sys.stderr.isatty(),
+        resume=resume, paths_from=paths_from, include=list(include or []),
+        exclude=list(exclude or []), follow_symlinks=follow_symlinks, max_pixels=max_pixels,
+        draft=not exact_decode, decode_timeout=decode_timeout,
     ))
     typer.echo(
         f"engine {summary.engine_name}: {summary.images_ok} images tagged, "
-        f"{summary.images_failed} failed, {summary.images_per_second:.1f} images/s "
-        f"-> {summary.out_path}"
+        f"{summary.images_failed} failed, {summary.images_skipped} skipped, "
+        f"{summary.images_per_second:.1f} images/s "
+        f"(decoding {summary.decode_rate:.1f}/s, engine {summary.engine_rate:.1f}/s)"
+        + ("" if summary.stopped_by else f" -> {summary.out_path}")
     )
+    if summary.stopped_by:
+        command = sys.argv[:1] + [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
+        typer.echo(
+            f"stopped by {summary.stopped_by} with {summary.images_left} images left; the rows "
+            f"so far are kept. To continue: {shlex.join(['imfree'] + command[1:])}",
+            err=True,
+        )
+        raise typer.Exit(130 if summary.stopped_by == "SIGINT" else 143)
+    if summary.images_failed and not summary.images_ok and not summary.images_skipped:
+        # Nothing could be tagged: a script must not mistake this for success.
+        typer.echo(f"error: none of the {summary.images_failed} files could be tagged; their "
+                   f"reasons are in {summary.out_path}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Export folder from "
+                                        "`imfree export`.")],
+    out: Annotated[Path, typer.Option(help="Folder for bench.md and bench.png.")] = Path(
+        "bench"),
+    engine: Annotated[list[str] | None, typer.Option(help="Engine to measure; repeat for "
+                                                        "several (default ort-cpu).")] = None,
+    batch: Annotated[list[int] | None, typer.Option("--batch", "-b", min=1, help="Batch "
+                                                    "size; repeat (default 1, 8, 32).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Photos for the end-to-end rows.",
+                                                exists=True, file_okay=False)] = None,
+    iters: Annotated[int, typer.Option(min=1, help="Timed runs per row.")] = 10,
+    threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime threads.")] = None,
+) -> None:
+    """Images/s and latency per engine, precision and batch size; a table and a plot."""
+    from imfree.runtime.bench import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(
+        export_dir=model, out=out, engines=list(engine or ["ort-cpu"]),
+        batches=list(batch or [1, 8, 32]), images=images, iters=iters, intra_threads=threads,
+    ))
+    typer.echo(result.table_path.read_text(encoding="utf-8"))
+    plot = f" and {result.plot_path}" if result.plot_path else " (no plot: no matplotlib)"
+    typer.echo(f"written to {result.table_path}{plot}")
 
 
 @app.command()
@@ -172,12 +269,163 @@ def labels(
     typer.echo(labelset.hierarchy.render())
 
 
+class _AskByDefault(typer.core.TyperGroup):
+    """`imfree knowledge LABELS ...` means `imfree knowledge ask LABELS ...`."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["ask", *args]
+        return super().parse_args(ctx, args)
+
+
+knowledge_app = typer.Typer(
+    cls=_AskByDefault, no_args_is_help=True,
+    help="Ask an LLM about a label set; build, import and check corpora and trees.",
+)
+app.add_typer(knowledge_app, name="knowledge")
+
+Provider = Literal["gemini", "openai", "offline"]
+TreeSource = Literal["auto", "llm", "cluster", "flat"]
+_LABELS_HELP = ("Label text file (one class a line, 'name: synonym, synonym'), bundled set "
+                "(voc2007, coco2014, nuswide) or label-set folder.")
+
+
+@knowledge_app.command("ask")
+def knowledge_ask(
+    labels: Annotated[str, typer.Argument(help=_LABELS_HELP)],
+    out: Annotated[Path, typer.Option(help="Label-set folder to write (classes.json, "
+                                      "hierarchy.json, corpus.jsonl, ...).")],
+    provider: Annotated[Provider, typer.Option(help="Who answers; offline uses only bundled "
+                                               "and cached answers.")] = "offline",
+    model: Annotated[str | None, typer.Option(help="Model name (gemini: default "
+                                              "gemini-2.5-flash).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="API root of an OpenAI-compatible "
+                                                 "server, e.g. http://127.0.0.1:11434/v1.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Answer cache folder (default "
+                                               "~/.cache/imfree/knowledge).")] = None,
+    sentences: Annotated[int, typer.Option(min=1, help="Sentences asked for per "
+                                           "question.")] = 8,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per request.")] = 120.0,
+    attempts: Annotated[int, typer.Option(min=1, help="Tries per request on timeouts, 429 "
+                                          "and 5xx.")] = 5,
+    backoff: Annotated[float, typer.Option(min=0.0, help="First backoff in seconds; "
+                                           "doubles per retry.")] = 2.0,
+    hierarchy: Annotated[TreeSource, typer.Option(
+        help="Tree from the LLM's grouping answer, clustering, or flat; auto falls back.",
+    )] = "auto",
+    cluster_model: Annotated[str, typer.Option(help="CLIP model for clustering.")] = "RN50",
+    cluster_pretrained: Annotated[str | None, typer.Option(
+        help="Its weights (openai, a checkpoint file); without it no clustering.")] = None,
+) -> None:
+    """Ask the method's questions about LABELS and write a label set that trains."""
+    from imfree.toolkit.knowledge import (
+        KnowledgeConfig,
+        ProviderConfig,
+        QuestionPlan,
+        run_knowledge,
+    )
+
+    summary = run_knowledge(KnowledgeConfig(
+        labels=labels, out=out, cache_dir=cache, concurrency=concurrency, attempts=attempts,
+        backoff_s=backoff, hierarchy=hierarchy, cluster_model=cluster_model,
+        cluster_pretrained=cluster_pretrained, progress=sys.stderr.isatty(),
+        provider=ProviderConfig(provider, model, base_url, timeout),
+        plan=QuestionPlan(sentences_per_question=sentences),
+    ))
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"label set written to {summary.out}; train with: imfree train --labels "
+               f"{summary.out}")
+
+
+@knowledge_app.command("hierarchy")
+def knowledge_hierarchy(
+    labels: Annotated[str, typer.Argument(help=_LABELS_HELP)],
+    source: Annotated[TreeSource, typer.Option(help="auto: the label set's own tree, else "
+                                               "clustering; llm: the grouping answer.")] = "auto",
+    provider: Annotated[Provider, typer.Option(help="For --source llm.")] = "offline",
+    model: Annotated[str | None, typer.Option()] = None,
+    base_url: Annotated[str | None, typer.Option()] = None,
+    cache: Annotated[Path | None, typer.Option(help="Answer cache folder.")] = None,
+    cluster_model: Annotated[str, typer.Option(help="CLIP model for clustering.")] = "RN50",
+    cluster_pretrained: Annotated[str | None, typer.Option(
+        help="Its weights (openai, a checkpoint file); needed to cluster.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the tree as JSON here.")] = None,
+) -> None:
+    """Print the class tree of LABELS: its own, the LLM's grouping, or clustered."""
+    from imfree.toolkit.hierarchy import save_hierarchy
+    from imfree.toolkit.knowledge import KnowledgeConfig, ProviderConfig
+    from imfree.toolkit.knowledge.runner import build_hierarchy
+
+    tree, origin = build_hierarchy(KnowledgeConfig(
+        labels=labels, out=Path("."), cache_dir=cache, hierarchy=source,
+        cluster_model=cluster_model, cluster_pretrained=cluster_pretrained, progress=False,
+        provider=ProviderConfig(provider, model, base_url),
+    ))
+    typer.echo(f"{len(tree.classes)} classes, {len(tree.fine_names)} fine and "
+               f"{len(tree.coarse_names)} coarse groups, from {origin}")
+    typer.echo(tree.render())
+    if out:
+        save_hierarchy(out, tree)
+        typer.echo(f"written to {out}")
+
+
+@knowledge_app.command("validate")
+def knowledge_validate(
+    corpus: Annotated[str, typer.Argument(help="Corpus JSONL (classes.json beside it), "
+                                          "label-set folder or bundled name.")],
+    labels: Annotated[str | None, typer.Option(help="Label set, if the corpus has no "
+                                               "classes.json beside it.")] = None,
+    min_mean: Annotated[float, typer.Option(min=0, help="Least mean sentences a "
+                                            "class.")] = 100,
+    min_per_class: Annotated[int, typer.Option(min=0, help="Least sentences of any "
+                                               "class.")] = 30,
+) -> None:
+    """Check a corpus and print its statistics; exit 1 if it fails."""
+    from imfree.toolkit.knowledge import validate_corpus
+
+    report = validate_corpus(corpus, labels, min_mean, min_per_class)
+    for line in report.lines():
+        typer.echo(line)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@knowledge_app.command("import")
+def knowledge_import(
+    sentences: Annotated[Path, typer.Argument(help="File of 'sentence#####label#####label' "
+                                              "lines.", exists=True, dir_okay=False)],
+    labels: Annotated[str, typer.Option(help=_LABELS_HELP)],
+    out: Annotated[Path, typer.Option(help="Label-set folder to write.")],
+    as_is: Annotated[bool, typer.Option("--as-is", help="Keep the file's labels; do not add "
+                                        "the classes the sentences name.")] = False,
+) -> None:
+    """Import a published corpus into a label-set folder, labelled by imfree's rules."""
+    from imfree.toolkit.knowledge import import_sentences
+
+    summary = import_sentences(sentences, labels, out, as_is)
+    typer.echo(f"lines: {summary.lines}; sentences kept: {summary.kept}; dropped: "
+               f"{sum(summary.dropped.values())} {dict(summary.dropped) or ''}")
+    if summary.unknown_labels:
+        listed = ", ".join(f"{k} ({n})" for k, n in summary.unknown_labels.most_common(10))
+        typer.echo(f"labels outside the label set: {listed}")
+    typer.echo(f"label set written to {summary.out}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1."""
     try:
         app()  # standalone: usage errors print their own message and exit 2
     except ImfreeError as err:
         typer.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except ModuleNotFoundError as err:
+        # The runtime-only install has no torch: train and export say how to add it.
+        if (err.name or "").split(".")[0] not in _TRAINING_PACKAGES:
+            raise
+        typer.echo(f"error: this command needs {err.name}, which the runtime-only install "
+                   "leaves out: pip install 'imfree[train]'", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
