@@ -70,6 +70,9 @@ class OrtEngine:
     ):
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The CPU arena keeps every block it ever grew to: RN50 at batch 256 peaked at
+        # 4.6 GiB with it and 2.2 GiB without, at the same speed (measured here).
+        options.enable_cpu_mem_arena = False
         if intra_threads is not None:
             options.intra_op_num_threads = intra_threads
 
