@@ -55,10 +55,11 @@ def train(
                                                "inside one, or a label text file (then "
                                                "--corpus).")] = None,
     model: Annotated[str | None, typer.Option(help="open_clip model name, or imfree-tiny-rn / "
-                                              "imfree-tiny-vit.")] = None,
+                                              "imfree-tiny-vit (default RN50).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Pretrained tag, checkpoint file, or "
-                                                   "'none' for random weights.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for the classifier artifact.")] = None,
+                                                   "'none' (default openai).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Artifact folder (default "
+                                                "runs/classifier).")] = None,
     config: Annotated[Path | None, typer.Option(
         help="TOML file of training options; flags override it.", exists=True, dir_okay=False,
     )] = None,
