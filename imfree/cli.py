@@ -53,7 +53,7 @@ def train(
     labels: Annotated[str | None, typer.Option(help="Bundled label set (voc2007, coco2014, "
                                                "nuswide), a label-set folder, a corpus "
                                                "inside one, or a label text file (then "
-                                               "--corpus).")] = None,
+                                               "--corpus); default voc2007.")] = None,
     model: Annotated[str | None, typer.Option(help="open_clip model name, or imfree-tiny-rn / "
                                               "imfree-tiny-vit (default RN50).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Pretrained tag, checkpoint file, or "
