@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+import numpy as np
+
 import imfree
 from imfree.errors import BundleError, ConfigError, ExportError
 from imfree.export.fp16 import convert_fp16
@@ -137,7 +139,8 @@ def export_artifact(config: ExportConfig) -> ExportResult:
         manifest.onnx_variants = variants
         manifest.torch_program = TORCH_FILE if config.torch_program else None
         if config.trt:
-            record, report = _build_tensorrt(onnx_path, staging, config, artifact, reference)
+            record, report = _build_tensorrt(onnx_path, staging, config, artifact, reference,
+                                             calibration)
             manifest.tensorrt_engines.append(record)
             reports.append(report)
         write_manifest(staging, manifest)
@@ -259,15 +262,14 @@ def _require_tensorrt() -> None:
 
 def _build_tensorrt(
     onnx_path: Path, staging: Path, config: ExportConfig, artifact: ClassifierArtifact,
-    reference: Reference,
+    reference: Reference, calibration: np.ndarray | None,
 ) -> tuple[dict, ParityReport]:
+    """Build, then gate, the engine; INT8 reuses the images decoded for the ONNX variant."""
     from imfree.export.tensorrt import build_engine, engine_file_name
     from imfree.runtime.tensorrt_runner import TensorRTEngine
 
-    calibration = None
-    if config.trt_precision == "int8":
-        calibration = calibration_images(config.calibrate, artifact.preprocess.image_size,
-                                         config.calibration_images)
+    if config.trt_precision != "int8":
+        calibration = None
     opt_batch = config.opt_batch or config.max_batch
     engine_path = staging / engine_file_name(config.trt_precision, config.max_batch, opt_batch)
     record = build_engine(onnx_path, engine_path, config.max_batch, opt_batch,
