@@ -192,39 +192,29 @@ def _field_problems(m: ExportManifest) -> list[str]:
         problems.append(
             f"interpolation {m.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
         )
-    problems.extend(_engine_record_problems(m.tensorrt_engines))
-    problems.extend(_variant_record_problems(m.onnx_variants))
+    problems.extend(_record_problems(m.tensorrt_engines, "tensorrt_engines", ENGINE_RECORD_KEYS))
+    problems.extend(_record_problems(m.onnx_variants, "onnx_variants", VARIANT_RECORD_KEYS))
     if m.torch_program is not None and (not isinstance(m.torch_program, str)
                                         or not m.torch_program):
         problems.append("torch_program must be a file name or null")
     return problems
 
 
-def _variant_record_problems(records: Any) -> list[str]:
+def _record_problems(records: Any, field_name: str, keys: tuple[str, ...]) -> list[str]:
+    """Problems of a list of file records (ONNX variants, TensorRT engines)."""
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        return ["onnx_variants must be a list of objects"]
+        return [f"{field_name} must be a list of objects"]
     problems = []
     for index, record in enumerate(records):
-        missing = [key for key in VARIANT_RECORD_KEYS if key not in record]
+        missing = [key for key in keys if key not in record]
         if missing:
-            problems.append(f"onnx_variants[{index}] lacks {', '.join(missing)}")
+            problems.append(f"{field_name}[{index}] lacks {', '.join(missing)}")
     return problems
 
 
 def find_variant(manifest: ExportManifest, precision: str) -> dict[str, Any] | None:
     """The manifest's ONNX variant of `precision`, or None if the export holds none."""
     return next((v for v in manifest.onnx_variants if v.get("precision") == precision), None)
-
-
-def _engine_record_problems(records: Any) -> list[str]:
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        return ["tensorrt_engines must be a list of objects"]
-    problems = []
-    for index, record in enumerate(records):
-        missing = [key for key in ENGINE_RECORD_KEYS if key not in record]
-        if missing:
-            problems.append(f"tensorrt_engines[{index}] lacks {', '.join(missing)}")
-    return problems
 
 
 def _is_list_of(value: Any, kinds: type | tuple[type, ...]) -> bool:
