@@ -9,6 +9,7 @@ fast but wrong engine gets a row saying why, not a figure.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import platform
@@ -277,8 +278,8 @@ def write_plot(rows: list[BenchRow], path: Path, hardware: str) -> Path | None:
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
-    os.replace(temporary, path)
+    write_atomically(path, buffer.getvalue())
     return path
