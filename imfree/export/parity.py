@@ -83,27 +83,17 @@ def reference_outputs(
 
 
 def check_parity(
-    graph: ScoringGraph | Reference,
+    reference: Reference,
     run_engine: Callable[[np.ndarray], dict[str, np.ndarray]],
     engine_name: str,
-    photos: Path | None = None,
-    image_size: tuple[int, int] | None = None,
-    threshold: float | None = None,
     batches: tuple[int, ...] = DEFAULT_BATCHES,
     tolerances: Tolerances | None = None,
     precision: str = "fp32",
 ) -> ParityReport:
-    """Compare `run_engine` with PyTorch FP32 at each batch size.
+    """Compare `run_engine` with PyTorch FP32's `reference` at each batch size.
 
-    `graph` is the live PyTorch graph (its reference is computed here) or a
-    reference already computed, so several engines share one PyTorch run.
+    One reference serves every engine of an export, so PyTorch runs once.
     """
-    if isinstance(graph, Reference):
-        reference = graph
-    else:
-        if image_size is None or threshold is None:
-            raise TypeError("check_parity needs image_size and threshold with a live graph")
-        reference = reference_outputs(graph, photos, image_size, threshold, max(batches))
     return gate(run_engine, reference, engine_name, precision, batches, tolerances)
 
 
