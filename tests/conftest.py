@@ -163,3 +163,20 @@ def real_photos() -> Path:
     if not any(folder.glob("*.jpg")):
         pytest.fail(f"no photos in {folder}; the repository should ship them")
     return folder
+
+
+@pytest.fixture
+def fake_llm():
+    """A fake Gemini and OpenAI-compatible server on 127.0.0.1 (test_knowledge_providers)."""
+    from test_knowledge_providers import FakeLLM
+
+    with FakeLLM() as server:
+        yield server
+
+
+@pytest.fixture
+def gemini_key(monkeypatch):
+    """A made-up Gemini key in the environment, and no Google key beside it."""
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", "fake-key-not-secret-0123")
+    return "fake-key-not-secret-0123"

@@ -144,19 +144,6 @@ def _sentence(rng: random.Random, classes: list[str], i: int) -> str:
     return f"A {things} {rng.choice(_PLACES)}, frame {i} of roll {rng.randrange(10**6)}."
 
 
-@pytest.fixture
-def fake_llm():
-    with FakeLLM() as server:
-        yield server
-
-
-@pytest.fixture
-def gemini_key(monkeypatch):
-    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
-    monkeypatch.setenv("GEMINI_API_KEY", "fake-key-not-secret-0123")
-    return "fake-key-not-secret-0123"
-
-
 QUESTION = ('Write 3 sentences, each describing a photo in which "cat" is clearly visible.')
 
 

@@ -62,19 +62,6 @@ def config(tmp_path: Path, server: FakeLLM, provider: str = "openai", **override
     return KnowledgeConfig(**values)
 
 
-@pytest.fixture
-def fake_llm():
-    with FakeLLM() as server:
-        yield server
-
-
-@pytest.fixture
-def gemini_key(monkeypatch):
-    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
-    monkeypatch.setenv("GEMINI_API_KEY", "fake-key-not-secret-4567")
-    return "fake-key-not-secret-4567"
-
-
 def cached_answers(tmp_path: Path) -> int:
     return len(list((tmp_path / "cache").glob("*/*.json")))
 
