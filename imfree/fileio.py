@@ -5,9 +5,13 @@ Shared by every part of imfree (the runtime too: nothing here imports torch).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from imfree.errors import ConfigError
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes | memoryview | str) -> None:
@@ -42,3 +46,11 @@ def make_staging_folder(beside: Path, prefix: str) -> Path:
     os.umask(mask)
     os.chmod(folder, 0o777 & ~mask)
     return folder
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file a user wrote; any failure is one ConfigError naming `what` and `path`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
+        raise ConfigError(f"cannot read {what} {path}: {err}") from err

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imfree.errors import ConfigError
-from imfree.fileio import write_atomically
+from imfree.fileio import read_json, write_atomically
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,7 @@ class Hierarchy:
 
 
 def load_hierarchy(path: Path, classes: list[str]) -> Hierarchy:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
-        raise ConfigError(f"cannot read hierarchy {path}: {err}") from err
+    data = read_json(Path(path), "hierarchy")
     return Hierarchy.from_dict(classes, data, source=str(path))
 
 

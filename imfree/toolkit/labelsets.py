@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imfree.errors import ConfigError
-from imfree.fileio import write_atomically
+from imfree.fileio import read_json, write_atomically
 from imfree.toolkit.hierarchy import Hierarchy, load_hierarchy
 from imfree.toolkit.labels import ClassInfo
 
@@ -108,10 +108,7 @@ def read_label_text(path: Path) -> list[ClassInfo]:
 
 
 def read_classes(path: Path) -> list[ClassInfo]:
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
-        raise ConfigError(f"cannot read class list {path}: {err}") from err
+    entries = read_json(path, "class list")
     if not isinstance(entries, list):
         raise ConfigError(f"{path} must be a JSON list of classes, not {type(entries).__name__}")
     if not entries:
