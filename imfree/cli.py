@@ -10,12 +10,15 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 import typer.core
 
 from imfree.errors import ImfreeError
+
+if TYPE_CHECKING:
+    from imfree.export.triton import TritonRepository
 
 app = typer.Typer(
     name="imfree",
@@ -32,6 +35,7 @@ Engine = Literal["auto", "tensorrt", "ort-cuda", "ort-cpu", "ort-cuda-fp16", "or
                  "torch", "torch-compile"]
 TrtPrecision = Literal["fp16", "fp32", "int8"]
 HandPrompt = Literal["single", "ensemble"]
+TritonKind = Literal["auto", "gpu", "cpu"]
 
 
 @app.callback()
@@ -130,6 +134,9 @@ def export(
     parity_images: Annotated[Path | None, typer.Option(
         help="Photos for the parity gate (default: examples/images).", exists=True,
         file_okay=False)] = None,
+    triton: Annotated[Path | None, typer.Option(
+        help="Also write the export as a model of this Triton model repository "
+        "(see imfree export-triton for its options).", file_okay=False)] = None,
 ) -> None:
     """Export an artifact to one ONNX graph (uint8 images -> scores), gated on parity."""
     from imfree.export.exporter import ExportConfig, export_artifact
@@ -153,6 +160,44 @@ def export(
     for engine in result.manifest.tensorrt_engines:
         typer.echo(f"TensorRT {engine['precision']} engine: {engine['file']}")
     typer.echo(f"export written to {result.folder}")
+    if triton is not None:
+        from imfree.export.triton import TritonConfig, write_triton_repository
+
+        _echo_triton(write_triton_repository(TritonConfig(export_dir=out, repo=triton)))
+
+
+@app.command("export-triton")
+def export_triton(
+    export_dir: Annotated[Path, typer.Argument(help="Export folder from `imfree export`.")],
+    repo: Annotated[Path, typer.Option(help="Triton model repository to write the model "
+                                       "into (made if missing; other models are kept).",
+                                       file_okay=False)],
+    name: Annotated[str | None, typer.Option(help="Model name (default: the export "
+                                             "folder's name).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="max_batch_size of the ONNX "
+                                           "model.")] = 64,
+    preferred_batch: Annotated[int | None, typer.Option(
+        min=1, help="Batch size dynamic batching aims for (default: --max-batch).")] = None,
+    queue_delay_us: Annotated[int, typer.Option(min=0, help="Microseconds a request may "
+                                                "wait for others to batch with.")] = 5000,
+    instances: Annotated[int, typer.Option(min=1, help="Model instances per GPU (or on "
+                                           "the CPU).")] = 1,
+    kind: Annotated[TritonKind, typer.Option(help="Where instances run: auto (GPUs if "
+                                             "the server has them), gpu or cpu.")] = "auto",
+) -> None:
+    """Write an export folder as a Triton Inference Server model (ONNX, and TensorRT plan)."""
+    from imfree.export.triton import TritonConfig, write_triton_repository
+
+    _echo_triton(write_triton_repository(TritonConfig(
+        export_dir=export_dir, repo=repo, model_name=name, max_batch_size=max_batch,
+        preferred_batch_size=preferred_batch, max_queue_delay_us=queue_delay_us,
+        instances=instances, kind=kind,
+    )))
+
+
+def _echo_triton(repository: TritonRepository) -> None:
+    typer.echo(f"Triton models {', '.join(repository.models)} written to {repository.root}; "
+               f"serve with: tritonserver --model-repository {repository.root.resolve()}")
 
 
 @app.command()
@@ -194,18 +239,38 @@ def infer(
         "default decodes large JPEGs at a reduced scale).")] = False,
     decode_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds one file may take "
                                                   "before its worker is replaced.")] = 60.0,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="Run on Ray: alone (or `local`), a Ray instance started on this machine; else "
+        "the cluster at ADDRESS (host:port, ray://host:port, auto). --out is then a folder "
+        "of Parquet shards. Needs Ray (the ray extra of imfree).")] = None,
+    ray_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs of the local Ray instance "
+                                                 "(default: all cores).")] = None,
+    ray_engines: Annotated[int | None, typer.Option(min=1, help="Engine actors on Ray "
+                                                    "(default: one per GPU, else a quarter "
+                                                    "of the CPUs).")] = None,
+    shard_rows: Annotated[int, typer.Option(min=1, help="Images per Parquet shard with --ray "
+                                            "(rounded up to whole batches).")] = 8192,
 ) -> None:
     """Tag every image under INPUTS with an export; one row per file."""
     from imfree.runtime.infer import InferConfig, run_inference
 
-    summary = run_inference(InferConfig(
+    config = InferConfig(
         inputs=list(inputs or []), export_dir=model, out=out, batch_size=batch, engine=engine,
         threshold=threshold, thresholds_file=thresholds, top_k=top_k, all_scores=all_scores,
         decode_workers=workers, engine_threads=threads, progress=sys.stderr.isatty(),
         resume=resume, paths_from=paths_from, include=list(include or []),
         exclude=list(exclude or []), follow_symlinks=follow_symlinks, max_pixels=max_pixels,
         draft=not exact_decode, decode_timeout=decode_timeout,
-    ))
+    )
+    if ray is None:
+        summary = run_inference(config)
+    else:
+        from imfree.runtime.ray_infer import RayConfig, run_ray_inference
+
+        summary = run_ray_inference(config, RayConfig(address=ray, cpus=ray_cpus,
+                                                      engines=ray_engines,
+                                                      shard_rows=shard_rows))
     typer.echo(
         f"engine {summary.engine_name}: {summary.images_ok} images tagged, "
         f"{summary.images_failed} failed, {summary.images_skipped} skipped, "
@@ -414,10 +479,24 @@ def knowledge_import(
     typer.echo(f"label set written to {summary.out}")
 
 
+def _bare_ray_means_local(args: list[str]) -> list[str]:
+    """`--ray` with no address (last, or before another option) means `--ray local`.
+
+    Typer options always take a value, so the optional one is filled in here.
+    """
+    filled = list(args)
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--ray" and (index + 1 == len(args) or args[index + 1].startswith("-")):
+            filled.insert(index + 1 + len(filled) - len(args), "local")
+    return filled
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1."""
     try:
-        app()  # standalone: usage errors print their own message and exit 2
+        app(args=_bare_ray_means_local(sys.argv[1:]))  # usage errors exit 2 on their own
     except ImfreeError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(1)

@@ -106,13 +106,13 @@ class InferSummary:
 
 def run_inference(config: InferConfig) -> InferSummary:
     """Tag every input of `config` and write one row per file to `config.out`."""
-    _check_config(config)
+    check_config(config)
     manifest = read_manifest(config.export_dir)
     output_format(config.out)  # a bad suffix fails now, not after the engine has loaded
-    thresholds = class_thresholds(manifest.classes, _default_threshold(config, manifest),
+    thresholds = class_thresholds(manifest.classes, default_threshold(config, manifest),
                                   config.thresholds_file)
 
-    paths = collect_inputs(_input_spec(config))
+    paths = collect_inputs(input_spec(config))
     if not paths:
         logger.warning("no image files in %s", _describe_inputs(config))
 
@@ -124,11 +124,12 @@ def run_inference(config: InferConfig) -> InferSummary:
         engine.close()
     summary.engine_threads = engine_threads if engine.name.startswith("ort-cpu") else None
 
-    _log_summary(summary)
+    log_summary(summary)
     return summary
 
 
-def _check_config(config: InferConfig) -> None:
+def check_config(config: InferConfig) -> None:
+    """ConfigError for an option out of its range, before anything loads."""
     if config.batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, not {config.batch_size}")
     if config.top_k < 0:
@@ -147,11 +148,13 @@ def _check_config(config: InferConfig) -> None:
     check_engine_choice(config.engine)
 
 
-def _default_threshold(config: InferConfig, manifest: ExportManifest) -> float:
+def default_threshold(config: InferConfig, manifest: ExportManifest) -> float:
+    """The threshold of classes without their own: the run's, else the export's."""
     return manifest.threshold if config.threshold is None else config.threshold
 
 
-def _input_spec(config: InferConfig) -> InputSpec:
+def input_spec(config: InferConfig) -> InputSpec:
+    """Which files the run tags, as the input walk takes them."""
     roots = config.inputs if isinstance(config.inputs, list) else [config.inputs]
     return InputSpec(
         roots=[Path(root) for root in roots],
@@ -203,8 +206,8 @@ def _tag(
         # whenever the traceback that holds the generator is freed.
         with bar, closing(batches):
             for batch in _until_stopped(batches, stop):
-                scores = _score(engine, batch, manifest, times)
-                rows = _rows(batch, scores, manifest.classes, thresholds, config)
+                scores = score_batch(engine, batch, manifest, times)
+                rows = batch_rows(batch, scores, manifest.classes, thresholds, config)
                 _write(writer, rows, times)
 
                 handled += len(batch.paths)
@@ -261,7 +264,9 @@ def _write(writer: RowWriter, rows: list[Row], times: StageTimes) -> None:
     times.write_seconds += time.perf_counter() - started
 
 
-def _score(engine: Engine, batch: Batch, manifest: ExportManifest, times: StageTimes) -> np.ndarray:
+def score_batch(
+    engine: Engine, batch: Batch, manifest: ExportManifest, times: StageTimes
+) -> np.ndarray:
     """Scores [n_good, C] for the decoded images of a batch."""
     if len(batch.good_paths) == 0:
         return np.zeros((0, len(manifest.classes)), np.float32)
@@ -282,7 +287,7 @@ def _score(engine: Engine, batch: Batch, manifest: ExportManifest, times: StageT
     return scores
 
 
-def _rows(
+def batch_rows(
     batch: Batch,
     scores: np.ndarray,
     classes: list[str],
@@ -314,7 +319,8 @@ def _rows(
     return rows
 
 
-def _log_summary(summary: InferSummary) -> None:
+def log_summary(summary: InferSummary) -> None:
+    """The closing lines of a run: counts, rates, the limiting stage, failures by reason."""
     logger.info(
         "%d done, %d failed, %d skipped (already in the output)%s in %.1f s on %s",
         summary.images_ok,

@@ -267,7 +267,8 @@ class JsonlRowWriter(RowWriter):
     """One JSON object per line; `scores` maps every class to its score when asked for."""
 
     def _line(self, row: Row) -> str:
-        return json.dumps(_record(row, self.classes, self.all_scores), ensure_ascii=False) + "\n"
+        record = row_record(row, self.classes, self.all_scores)
+        return json.dumps(record, ensure_ascii=False) + "\n"
 
     def _parse(self, text: str) -> Iterator[tuple[int, str]]:
         end = 0
@@ -298,17 +299,7 @@ class ParquetRowWriter(JsonlRowWriter):
     """Parquet: one column per field, top_k as a list of (label, score), scores as columns."""
 
     def _publish(self) -> None:
-        pyarrow, parquet = _pyarrow()
-        schema = self._schema(pyarrow)
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with parquet.ParquetWriter(staging, schema) as writer:
-                for records in _chunks(self._journal(), PARQUET_GROUP_ROWS):
-                    columns = self._columns_of(records)
-                    writer.write_table(pyarrow.Table.from_pydict(columns, schema=schema))
-            os.replace(staging, self.path)
-        finally:
-            staging.unlink(missing_ok=True)
+        write_parquet(self.path, self._journal(), self.classes, self.all_scores)
         self.partial.unlink()
 
     def _output_as_partial(self) -> None:
@@ -318,33 +309,10 @@ class ParquetRowWriter(JsonlRowWriter):
             for record in table.to_pylist():
                 handle.write(json.dumps(self._record_from_columns(record)) + "\n")
 
-    def _schema(self, pyarrow: Any) -> Any:
-        top = pyarrow.struct([("label", pyarrow.string()), ("score", pyarrow.float32())])
-        fields = [
-            ("path", pyarrow.string()),
-            ("status", pyarrow.string()),
-            ("labels", pyarrow.list_(pyarrow.string())),
-            ("top_k", pyarrow.list_(top)),
-            ("error", pyarrow.string()),
-        ]
-        if self.all_scores:
-            fields += [(f"score:{name}", pyarrow.float32()) for name in self.classes]
-        return pyarrow.schema(fields)
-
     def _journal(self) -> Iterator[dict[str, Any]]:
         with _open_text(self.partial, "r") as handle:
             for line in handle:
                 yield json.loads(line)
-
-    def _columns_of(self, records: list[dict[str, Any]]) -> dict[str, list]:
-        names = ["path", "status", "labels", "top_k", "error"]
-        columns = {name: [r[name] for r in records] for name in names}
-        if self.all_scores:
-            for name in self.classes:
-                columns[f"score:{name}"] = [
-                    None if r["scores"] is None else r["scores"][name] for r in records
-                ]
-        return columns
 
     def _record_from_columns(self, record: dict[str, Any]) -> dict[str, Any]:
         names = [n for n in record if n.startswith("score:")]
@@ -362,6 +330,58 @@ _WRITERS: dict[OutputFormat, type[RowWriter]] = {
 }
 
 
+def write_parquet(
+    path: str | os.PathLike[str],
+    records: Iterable[dict[str, Any]],
+    classes: list[str],
+    all_scores: bool,
+) -> None:
+    """Write row records (as `row_record` makes them) to one Parquet file, atomically.
+
+    The same columns whoever writes them: a Parquet output of a local run, or one
+    shard of a Ray run.
+    """
+    pyarrow, parquet = _pyarrow()
+    path = Path(path)
+    schema = _parquet_schema(pyarrow, classes, all_scores)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with parquet.ParquetWriter(staging, schema) as writer:
+            for chunk in _chunks(records, PARQUET_GROUP_ROWS):
+                columns = _parquet_columns(chunk, classes, all_scores)
+                writer.write_table(pyarrow.Table.from_pydict(columns, schema=schema))
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def _parquet_schema(pyarrow: Any, classes: list[str], all_scores: bool) -> Any:
+    top = pyarrow.struct([("label", pyarrow.string()), ("score", pyarrow.float32())])
+    fields = [
+        ("path", pyarrow.string()),
+        ("status", pyarrow.string()),
+        ("labels", pyarrow.list_(pyarrow.string())),
+        ("top_k", pyarrow.list_(top)),
+        ("error", pyarrow.string()),
+    ]
+    if all_scores:
+        fields += [(f"score:{name}", pyarrow.float32()) for name in classes]
+    return pyarrow.schema(fields)
+
+
+def _parquet_columns(
+    records: list[dict[str, Any]], classes: list[str], all_scores: bool
+) -> dict[str, list]:
+    names = ["path", "status", "labels", "top_k", "error"]
+    columns = {name: [r[name] for r in records] for name in names}
+    if all_scores:
+        for name in classes:
+            columns[f"score:{name}"] = [
+                None if r["scores"] is None else r["scores"][name] for r in records
+            ]
+    return columns
+
+
 def open_writer(
     path: str | os.PathLike[str],
     classes: list[str],
@@ -373,7 +393,8 @@ def open_writer(
     return writer_class(path, classes, all_scores, resume)
 
 
-def _record(row: Row, classes: list[str], all_scores: bool) -> dict[str, object]:
+def row_record(row: Row, classes: list[str], all_scores: bool) -> dict[str, object]:
+    """A row as one JSON-ready record: the JSON Lines line, and what Parquet columns hold."""
     record: dict[str, object] = {
         "path": row.path,
         "status": row.status,

@@ -1,0 +1,301 @@
+"""A Triton Inference Server model repository for an export folder.
+
+Each model is one folder in the repository: `config.pbtxt`, the class names in
+`labels.txt` (Triton's classification extension reads them through the scores
+output's `label_filename`), a copy of the export's manifest for provenance,
+and version `1/` holding the graph. The ONNX graph becomes the model NAME on
+the `onnxruntime_onnx` platform; a TensorRT engine in the export becomes a
+second model, NAME_trt, on `tensorrt_plan`, since Triton serves one platform
+per model. The graph takes uint8 NHWC images and does the normalisation itself,
+so a client sends decoded, resized pixels and nothing else.
+
+Names, shapes and types come from the graph as onnxruntime reads it, not from
+assumptions, and each model folder is built beside the repository and renamed
+into place, so Triton never sees half of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import onnxruntime
+
+from imfree.errors import BundleError, ExportError
+from imfree.fileio import make_staging_folder, write_atomically
+from imfree.runtime.bundle import (
+    MANIFEST_NAME,
+    REEXPORT_HINT,
+    ExportManifest,
+    read_manifest,
+    sha256_file,
+)
+
+logger = logging.getLogger(__name__)
+
+ONNX_PLATFORM = "onnxruntime_onnx"
+PLAN_PLATFORM = "tensorrt_plan"
+LABELS_FILE = "labels.txt"
+CONFIG_FILE = "config.pbtxt"
+VERSION = "1"
+InstanceKind = Literal["auto", "gpu", "cpu"]
+
+# onnxruntime's element types, as Triton names them.
+_TRITON_TYPES = {"tensor(uint8)": "TYPE_UINT8", "tensor(float)": "TYPE_FP32",
+                 "tensor(float16)": "TYPE_FP16"}
+
+
+@dataclass
+class TritonConfig:
+    """One Triton repository written from one export folder."""
+
+    export_dir: Path
+    repo: Path
+    model_name: str | None = None  # default: the export folder's name
+    max_batch_size: int = 64  # the ONNX model's; the plan model keeps its engine's profile
+    preferred_batch_size: int | None = None  # default: max_batch_size
+    max_queue_delay_us: int = 5_000  # how long a request waits for others to batch with
+    instances: int = 1  # model instances per device
+    kind: InstanceKind = "auto"  # auto: one group per GPU if the server has GPUs, else CPU
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    data_type: str  # Triton's TYPE_*
+    dims: list[int]  # without the batch dimension
+
+
+Tensors = tuple[list[TensorSpec], list[TensorSpec]]  # a graph's inputs and outputs
+
+
+@dataclass
+class TritonModel:
+    """What one model folder of the repository holds."""
+
+    name: str
+    platform: str
+    graph_file: str  # model.onnx or model.plan, inside version 1/
+    max_batch_size: int
+    preferred_batch_size: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    kind: str = "KIND_AUTO"  # Triton's instance kind
+    instances: int = 1
+    max_queue_delay_us: int = 5_000
+
+
+@dataclass
+class TritonRepository:
+    root: Path
+    models: list[str] = field(default_factory=list)
+
+
+def write_triton_repository(config: TritonConfig) -> TritonRepository:
+    """Write the export's model (and its TensorRT plan, if built) into `config.repo`."""
+    export_dir = Path(config.export_dir)
+    manifest = read_manifest(export_dir)
+    _check_config(config)
+    name = config.model_name or export_dir.resolve().name
+    tensors = _graph_tensors(export_dir, manifest)
+    models = [_onnx_model(name, tensors, config)]
+    # One engine is enough: Triton loads a plan only on the GPU it was built for.
+    models += [_plan_model(name, tensors, record, config)
+               for record in manifest.tensorrt_engines[:1]]
+
+    repo = Path(config.repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        _check_model_destination(repo / model.name)
+    staging = make_staging_folder(repo.parent, prefix=f".{repo.name}.partial-")
+    try:
+        for model, source in zip(models, _graph_sources(export_dir, manifest), strict=True):
+            _write_model(staging / model.name, model, source, export_dir, manifest)
+        for model in models:
+            _move_into_place(staging / model.name, repo / model.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.debug("Triton repository %s: %s", repo, ", ".join(m.name for m in models))
+    return TritonRepository(root=repo, models=[m.name for m in models])
+
+
+def render_config(model: TritonModel) -> str:
+    """The model's config.pbtxt, in the protobuf text format of Triton's ModelConfig."""
+    height, width, _ = model.inputs[0].dims
+    lines = [
+        f"# Written by imfree. Input: RGB uint8 images, NHWC, resized to {height} x {width}",
+        "# without a crop; the graph normalises them itself. Scores: one per class, in the",
+        f"# order of {LABELS_FILE}.",
+        f'name: "{model.name}"',
+        f'platform: "{model.platform}"',
+        f"max_batch_size: {model.max_batch_size}",
+        "input [",
+        ",\n".join(_tensor_block(spec) for spec in model.inputs),
+        "]",
+        "output [",
+        ",\n".join(_tensor_block(spec, labels=spec is model.outputs[0])
+                   for spec in model.outputs),
+        "]",
+        "dynamic_batching {",
+        f"  preferred_batch_size: [ {model.preferred_batch_size} ]",
+        f"  max_queue_delay_microseconds: {model.max_queue_delay_us}",
+        "}",
+        "instance_group [",
+        "  {",
+        f"    count: {model.instances}",
+        f"    kind: {model.kind}",
+        "  }",
+        "]",
+        "version_policy: { latest: { num_versions: 1 } }",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _tensor_block(spec: TensorSpec, labels: bool = False) -> str:
+    lines = ["  {", f'    name: "{spec.name}"', f"    data_type: {spec.data_type}"]
+    lines.append(f"    dims: [ {', '.join(str(d) for d in spec.dims)} ]")
+    if labels:
+        lines.append(f'    label_filename: "{LABELS_FILE}"')
+    lines.append("  }")
+    return "\n".join(lines)
+
+
+def _check_config(config: TritonConfig) -> None:
+    if config.max_batch_size < 1:
+        raise ExportError(f"Triton max batch size must be at least 1, not "
+                          f"{config.max_batch_size}")
+    preferred = config.preferred_batch_size
+    if preferred is not None and not 1 <= preferred <= config.max_batch_size:
+        raise ExportError(f"the preferred batch size must lie in 1..{config.max_batch_size}, "
+                          f"not {preferred}")
+    if config.max_queue_delay_us < 0:
+        raise ExportError(f"the queue delay must be 0 or more microseconds, not "
+                          f"{config.max_queue_delay_us}")
+    if config.kind not in get_args(InstanceKind):
+        raise ExportError(f"unknown instance kind {config.kind!r}; choose one of: "
+                          f"{', '.join(get_args(InstanceKind))}")
+    if config.instances < 1:
+        raise ExportError(f"Triton instances must be at least 1, not {config.instances}")
+    if config.model_name is not None and (not config.model_name or "/" in config.model_name
+                                          or config.model_name.startswith(".")):
+        raise ExportError(f"{config.model_name!r} cannot name a model folder; pass a plain "
+                          "name such as voc-tagger")
+
+
+def _onnx_model(name: str, tensors: Tensors, config: TritonConfig) -> TritonModel:
+    inputs, outputs = tensors
+    return TritonModel(
+        name=name,
+        platform=ONNX_PLATFORM,
+        graph_file="model.onnx",
+        max_batch_size=config.max_batch_size,
+        preferred_batch_size=config.preferred_batch_size or config.max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        kind=f"KIND_{config.kind.upper()}",
+        instances=config.instances,
+        max_queue_delay_us=config.max_queue_delay_us,
+    )
+
+
+def _plan_model(name: str, tensors: Tensors, record: dict, config: TritonConfig) -> TritonModel:
+    # The engine's own profile bounds its batch; Triton refuses a larger max_batch_size.
+    inputs, outputs = tensors
+    max_batch = int(record["max_batch"])
+    return TritonModel(
+        name=f"{name}_trt",
+        platform=PLAN_PLATFORM,
+        graph_file="model.plan",
+        max_batch_size=max_batch,
+        preferred_batch_size=int(record.get("opt_batch") or max_batch),
+        inputs=inputs,
+        outputs=outputs,
+        kind="KIND_GPU",
+        instances=config.instances,
+        max_queue_delay_us=config.max_queue_delay_us,
+    )
+
+
+def _graph_tensors(export_dir: Path, manifest: ExportManifest) -> Tensors:
+    """The graph's inputs and outputs, checked against the manifest, batch dimension off."""
+    path = _checked_graph(export_dir, manifest)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = [_spec(tensor, path) for tensor in session.get_inputs()]
+    outputs = [_spec(tensor, path) for tensor in session.get_outputs()]
+
+    expected = [manifest.input_name]
+    if [t.name for t in inputs] != expected or inputs[0].data_type != "TYPE_UINT8":
+        raise BundleError(f"{path} does not take uint8 {manifest.input_name!r} images as its "
+                          f"only input; {REEXPORT_HINT}")
+    if inputs[0].dims != [manifest.image_height, manifest.image_width, 3]:
+        raise BundleError(f"{path} takes images of {inputs[0].dims}, the manifest says "
+                          f"{manifest.image_height} x {manifest.image_width}; {REEXPORT_HINT}")
+    # The scores first: it is the output the labels file belongs to.
+    outputs.sort(key=lambda spec: spec.name != manifest.scores_output)
+    if outputs[0].name != manifest.scores_output or outputs[0].dims != [len(manifest.classes)]:
+        raise BundleError(f"{path} has no {manifest.scores_output!r} output of "
+                          f"{len(manifest.classes)} scores; {REEXPORT_HINT}")
+    return inputs, outputs
+
+
+def _spec(tensor: onnxruntime.NodeArg, path: Path) -> TensorSpec:
+    kind = _TRITON_TYPES.get(tensor.type)
+    dims = tensor.shape[1:]
+    if kind is None or not all(isinstance(d, int) for d in dims):
+        raise BundleError(f"{path}: {tensor.name} is {tensor.type} {tensor.shape}, which the "
+                          f"Triton repository cannot describe; {REEXPORT_HINT}")
+    return TensorSpec(tensor.name, kind, list(dims))
+
+
+def _checked_graph(export_dir: Path, manifest: ExportManifest) -> Path:
+    path = export_dir / manifest.onnx_file
+    if not path.is_file() or sha256_file(path) != manifest.onnx_sha256:
+        raise BundleError(f"{path} is missing or not the graph this export was made with; "
+                          f"{REEXPORT_HINT}")
+    return path
+
+
+def _graph_sources(export_dir: Path, manifest: ExportManifest) -> list[Path]:
+    sources = [export_dir / manifest.onnx_file]
+    for record in manifest.tensorrt_engines[:1]:
+        path = export_dir / record["file"]
+        if not path.is_file():
+            raise BundleError(f"the TensorRT engine {path} listed in the manifest is missing; "
+                              f"{REEXPORT_HINT}")
+        sources.append(path)
+    return sources
+
+
+def _write_model(folder: Path, model: TritonModel, graph: Path, export_dir: Path,
+                 manifest: ExportManifest) -> None:
+    (folder / VERSION).mkdir(parents=True)
+    # A hard link where the file system allows: an RN50 graph is 100 MB.
+    try:
+        os.link(graph, folder / VERSION / model.graph_file)
+    except OSError:
+        shutil.copyfile(graph, folder / VERSION / model.graph_file)
+    write_atomically(folder / CONFIG_FILE, render_config(model))
+    write_atomically(folder / LABELS_FILE, "".join(f"{name}\n" for name in manifest.classes))
+    shutil.copyfile(export_dir / MANIFEST_NAME, folder / MANIFEST_NAME)
+
+
+def _check_model_destination(folder: Path) -> None:
+    """An earlier imfree model there is replaced; anything else is the user's, and kept."""
+    if folder.exists() and not (folder / MANIFEST_NAME).is_file():
+        raise ExportError(f"{folder} exists and is not a model imfree wrote; pass another "
+                          "--name or repository, so nothing of yours is overwritten")
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent.parent))
+        os.replace(out, retired / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out)
