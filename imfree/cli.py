@@ -320,6 +320,50 @@ def bench(
     typer.echo(f"written to {result.table_path}{plot}")
 
 
+@app.command("eval")
+def evaluate(
+    sources: Annotated[list[Path], typer.Argument(
+        metavar="SOURCE", help="Artifact folders from `imfree train`, or outputs of "
+        "`imfree infer --all-scores` (.csv, .jsonl, .parquet); one table row each.")],
+    dataset: Annotated[str, typer.Option(help="voc2007:DIR[,SPLIT], coco2014:INSTANCES_JSON"
+                                         "[,IMAGES_DIR], nuswide:DIR or csv:FILE.")],
+    label_column: Annotated[str, typer.Option(help="csv: the column of ';'-separated "
+                                              "class names.")] = "labels",
+    out: Annotated[Path | None, typer.Option(help="Also write the Markdown report "
+                                             "here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write every figure "
+                                                  "as JSON here.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Decision threshold (default: "
+                                                    "each source's, 2 / classes).")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Classes taken per image for "
+                                       "CF1/OF1 top-k.")] = 3,
+    normalise: Annotated[Literal["none", "per-image"], typer.Option(
+        help="per-image adds a row per source with z-scored scores.")] = "none",
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the dataset's first N "
+                                              "images.")] = None,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1)] = 64,
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option()] = "auto",
+    difficult: Annotated[Literal["ignore", "negative", "both"], typer.Option(
+        help="VOC: leave difficult-only pairs out of the ranking, count them negative, "
+        "or report both.")] = "both",
+    exact_decode: Annotated[bool, typer.Option(
+        "--exact-decode", help="Decode JPEGs at full size (as `imfree infer "
+        "--exact-decode`).")] = False,
+) -> None:
+    """mAP, CF1 and OF1 of classifiers on a labelled dataset; one table, one row per source."""
+    from imfree.evaluation import EvalConfig, run_eval
+
+    report = run_eval(EvalConfig(
+        sources=sources, dataset=dataset, label_column=label_column, out=out,
+        json_out=json_out, threshold=threshold, top_k=top_k, normalise=normalise, limit=limit,
+        batch_size=batch, device=device, difficult=difficult, draft=not exact_decode,
+    ))
+    typer.echo(report.markdown)
+    for path in (out, json_out):
+        if path:
+            typer.echo(f"written to {path}")
+
+
 @app.command()
 def labels(
     name: Annotated[str, typer.Argument(help="Bundled label set or label-set folder.")] = "",

@@ -462,3 +462,89 @@ def _fmt(score: float) -> str:
 
 def _round(score: float) -> float:
     return float(_fmt(score))
+
+
+# Reading the scores back, for `imfree eval`.
+
+
+@dataclass
+class ScoreTable:
+    """The per-class scores of an `--all-scores` output, read back."""
+
+    classes: list[str]
+    paths: list[str]  # the rows tagged ok, in file order
+    scores: np.ndarray  # float32 [len(paths), classes]
+    failed: dict[str, str] = field(default_factory=dict)  # path -> reason, for error rows
+
+
+# (path, status, scores in class order or None, error) per row; then the class names.
+_ScoreRecords = tuple[list[tuple[str, str, list[float] | None, str]], list[str]]
+
+
+def read_scores(path: str | os.PathLike[str]) -> ScoreTable:
+    """Read a finished output written with --all-scores, in any of the three formats."""
+    path = Path(path)
+    if not path.is_file():
+        unfinished = partial_path(path).exists()
+        raise ConfigError(
+            f"{path} is not a finished output of `imfree infer`"
+            + ("; its run was interrupted: finish it with --resume" if unfinished else
+               "; pass the --out file of `imfree infer --all-scores`")
+        )
+    kind = output_format(path)
+    readers = {"csv": _csv_scores, "jsonl": _jsonl_scores, "parquet": _parquet_scores}
+    try:
+        records, classes = readers[kind](path)
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as err:
+        raise ConfigError(f"cannot read the scores in {path} ({type(err).__name__}: {err}); "
+                          f"pass an output of `imfree infer --all-scores`") from err
+    if not classes:
+        raise ConfigError(f"{path} holds no per-class scores: write it with `imfree infer "
+                          f"--all-scores`")
+
+    ok = [(p, s) for p, status, s, _ in records if status == "ok"]
+    failed = {p: error or "error" for p, status, _, error in records if status != "ok"}
+    scores = np.array([s for _, s in ok], dtype=np.float32).reshape(len(ok), len(classes))
+    return ScoreTable(classes, [p for p, _ in ok], scores, failed)
+
+
+def _csv_scores(path: Path) -> _ScoreRecords:
+    with _open_text(path, "r") as handle:
+        reader = csv.DictReader(handle, strict=True)
+        names = [c for c in reader.fieldnames or [] if c.startswith("score:")]
+        if not names:
+            return [], []
+        records = [
+            (row["path"], row["status"],
+             [float(row[n]) for n in names] if row["status"] == "ok" else None, row["error"])
+            for row in reader
+        ]
+    return records, [n.removeprefix("score:") for n in names]
+
+
+def _jsonl_scores(path: Path) -> _ScoreRecords:
+    records: list[tuple[str, str, list[float] | None, str]] = []
+    classes: list[str] = []
+    with _open_text(path, "r") as handle:
+        for line in handle:
+            record = json.loads(line)
+            scores = record.get("scores")
+            if scores and not classes:
+                classes = list(scores)
+            values = [scores[n] for n in classes] if scores else None
+            records.append((record["path"], record["status"], values, record["error"] or ""))
+    return records, classes
+
+
+def _parquet_scores(path: Path) -> _ScoreRecords:
+    _, parquet = _pyarrow()
+    table = parquet.read_table(path).to_pydict()
+    names = [c for c in table if c.startswith("score:")]
+    if not names:
+        return [], []
+    records = [
+        (table["path"][i], table["status"][i], [table[n][i] for n in names],
+         table["error"][i] or "")
+        for i in range(len(table["path"]))
+    ]
+    return records, [n.removeprefix("score:") for n in names]
