@@ -137,10 +137,22 @@ def export(
     triton: Annotated[Path | None, typer.Option(
         help="Also write the export as a model of this Triton model repository "
         "(see imfree export-triton for its options).", file_okay=False)] = None,
+    triton_name: Annotated[str | None, typer.Option(
+        help="Model name in the --triton repository (default: the --out folder's name).")
+    ] = None,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Let --triton replace a model of that name that imfree wrote "
+        "from another export, or that holds added files.")] = False,
 ) -> None:
     """Export an artifact to one ONNX graph (uint8 images -> scores), gated on parity."""
     from imfree.export.exporter import ExportConfig, export_artifact
 
+    if triton is not None:  # a name clash or unwritable repository: said before the work
+        from imfree.export.triton import TritonConfig, check_repository, model_names
+
+        triton_config = TritonConfig(export_dir=out, repo=triton, model_name=triton_name,
+                                     replace=replace)
+        check_repository(triton, model_names(triton_name or out.resolve().name, trt), replace)
     result = export_artifact(ExportConfig(
         artifact=artifact, out=out, trt=trt, trt_precision=trt_precision, max_batch=max_batch,
         opt_batch=opt_batch, int8=int8, calibrate=calibrate, fp16=fp16,
@@ -161,9 +173,9 @@ def export(
         typer.echo(f"TensorRT {engine['precision']} engine: {engine['file']}")
     typer.echo(f"export written to {result.folder}")
     if triton is not None:
-        from imfree.export.triton import TritonConfig, write_triton_repository
+        from imfree.export.triton import write_triton_repository
 
-        _echo_triton(write_triton_repository(TritonConfig(export_dir=out, repo=triton)))
+        _echo_triton(write_triton_repository(triton_config))
 
 
 @app.command("export-triton")
@@ -184,6 +196,9 @@ def export_triton(
                                            "the CPU).")] = 1,
     kind: Annotated[TritonKind, typer.Option(help="Where instances run: auto (GPUs if "
                                              "the server has them), gpu or cpu.")] = "auto",
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Replace a model of that name that imfree wrote from another "
+        "export, or that holds added files.")] = False,
 ) -> None:
     """Write an export folder as a Triton Inference Server model (ONNX, and TensorRT plan)."""
     from imfree.export.triton import TritonConfig, write_triton_repository
@@ -191,7 +206,7 @@ def export_triton(
     _echo_triton(write_triton_repository(TritonConfig(
         export_dir=export_dir, repo=repo, model_name=name, max_batch_size=max_batch,
         preferred_batch_size=preferred_batch, max_queue_delay_us=queue_delay_us,
-        instances=instances, kind=kind,
+        instances=instances, kind=kind, replace=replace,
     )))
 
 
@@ -554,6 +569,13 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except SystemExit as exit_:
+        # Typer turns a Ctrl-C (a second one, where the first asks for a clean stop)
+        # into a silent exit 130: say why the command ended.
+        if exit_.code == 130 and isinstance(getattr(exit_.__context__, "__cause__", None),
+                                            KeyboardInterrupt):
+            typer.echo("interrupted", err=True)
+        raise
 
 
 if __name__ == "__main__":

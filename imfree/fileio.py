@@ -35,6 +35,28 @@ def write_atomically(path: str | os.PathLike[str], data: bytes | memoryview | st
         raise
 
 
+def make_folder(folder: str | os.PathLike[str], what: str = "the output") -> Path:
+    """Make `folder` (and its parents) for `what`; one ConfigError naming it if that fails.
+
+    A read-only folder, or a file where a folder should be, is the user's to fix,
+    so it is said in a line before any work starts, not as a traceback after it.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise unwritable(folder, err, what) from None
+    return folder
+
+
+def unwritable(path: str | os.PathLike[str], err: OSError, what: str = "the output") -> ConfigError:
+    """The one-line error for a path that cannot be written."""
+    reason = err.strerror or type(err).__name__
+    where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+    return ConfigError(f"cannot write {what} {path}: {reason}{where}; pass a path in a "
+                       "folder you may write to")
+
+
 def make_staging_folder(beside: Path, prefix: str) -> Path:
     """A fresh hidden folder next to `beside`, with the umask's usual permissions.
 

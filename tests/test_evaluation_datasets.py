@@ -222,3 +222,50 @@ def test_subsets_keep_rows_and_columns_together(voc: Path) -> None:
     picked = evalset.with_classes(["person", "dog"])
     np.testing.assert_array_equal(picked.targets, [[0, 1], [1, 0]])
     np.testing.assert_array_equal(picked.difficult, [[1, 0], [0, 0]])
+
+
+# Regressions from the tester's report.
+
+
+def test_voc_names_and_difficult_flags_are_read_as_voc_writes_them(voc: Path) -> None:
+    annotations = voc / "VOC2007" / "Annotations"
+    (annotations / "000001.xml").write_text(
+        "<annotation><object><name>Dog </name><difficult>0</difficult></object>"
+        "<object><name>person</name><difficult>yes</difficult></object></annotation>")
+
+    evalset = read_voc2007(voc)
+
+    assert evalset.classes == list(VOC_CLASSES)  # no extra class "Dog"
+    dog, person = VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")
+    assert evalset.targets[0, dog] and evalset.difficult[0, person]
+    (annotations / "000001.xml").write_text(voc_annotation([("dog", "maybe")]))
+    with pytest.raises(DatasetError, match="'maybe'; write 0 or 1"):
+        read_voc2007(voc)
+
+
+def test_an_unknown_voc_split_names_the_splits(voc: Path) -> None:
+    with pytest.raises(DatasetError, match="'bogus' is not a VOC2007 split: name one of train"):
+        read_dataset(f"voc2007:{voc},bogus")
+
+
+def test_nuswide_labels_other_than_0_and_1_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "ImageList").mkdir()
+    (tmp_path / "TrainTestLabels").mkdir()
+    (tmp_path / "ImageList" / "TestImagelist.txt").write_text("a\\1.jpg\na\\2.jpg\n")
+    (tmp_path / "TrainTestLabels" / "Labels_dog_Test.txt").write_text("1\n2\n")
+    with pytest.raises(DatasetError, match="Labels_dog_Test.txt, line 2: label '2'"):
+        read_nuswide(tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("path,labels\n", "lists no images"),
+    ("path,labels\ndog.jpg,\nscream.jpg,\n", "empty in every row"),
+    ("path,labels\nnone.jpg,dog\n", "looked for .*none.jpg"),
+    ("path,labels\ndog.jpg,dog\ndog.jpg,person\n", "lists .*dog.jpg twice"),
+])
+def test_csv_problems_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    shutil.copy(PHOTOS / "dog.jpg", tmp_path / "dog.jpg")
+    shutil.copy(PHOTOS / "scream.jpg", tmp_path / "scream.jpg")
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.raises(DatasetError, match=message):
+        read_dataset(f"csv:{tmp_path / 'labels.csv'}")

@@ -334,3 +334,183 @@ def test_shards_hold_whole_batches():
     assert [(s.first, s.rows) for s in shards] == [(0, 64), (64, 36)]
     assert [s.file for s in shards] == ["shard-00000.parquet", "shard-00001.parquet"]
     assert [(s.first, s.rows) for s in plan_shards(0, 32, 64)] == [(0, 0)]
+
+
+# Regressions from the tester's report.
+
+
+def _stop_after_batches(monkeypatch, count: int) -> None:
+    """Send this process a real SIGINT once `count` batches have come back."""
+    from imfree.runtime.ray_infer import _ShardRun
+
+    take = _ShardRun._take
+    seen = []
+
+    def take_then_stop(self, shard, start, result):
+        take(self, shard, start, result)
+        seen.append(start)
+        if len(seen) == count:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(_ShardRun, "_take", take_then_stop)
+
+
+def test_a_stop_keeps_every_finished_row_and_resumes_to_the_same_rows(
+        tmp_path, ray_instance, images, export_dir, local_table, monkeypatch):
+    out = tmp_path / "tags"
+    shard_rows = 3 * BATCH  # a stop after one batch leaves the first shard a third full
+    _stop_after_batches(monkeypatch, 1)
+
+    stopped = run_ray_inference(_config(images, export_dir, out),
+                                RayConfig(shard_rows=shard_rows))
+
+    kept = read_shards_kept(out)
+    assert stopped.stopped_by == "SIGINT"
+    assert stopped.images_ok + stopped.images_failed == len(kept) >= BATCH
+    assert stopped.images_left == len(local_table) - len(kept)
+    assert all(row in local_table.to_pylist() for row in kept)
+    monkeypatch.undo()
+
+    resumed = run_ray_inference(_config(images, export_dir, out, resume=True),
+                                RayConfig(shard_rows=shard_rows))
+
+    assert resumed.images_skipped == len(kept)
+    assert resumed.images_ok + resumed.images_failed == len(local_table) - len(kept)
+    assert read_shards(out).to_pylist() == local_table.to_pylist()
+    assert pq.read_table(out).to_pylist() == local_table.to_pylist()  # in file-name order
+
+
+def read_shards_kept(out: Path) -> list[dict]:
+    """The rows of every shard file a stopped run wrote, in file-name order."""
+    return [row for path in sorted(out.glob("shard-*.parquet"))
+            for row in pq.read_table(path).to_pylist()]
+
+
+class _FakeRay:
+    """Just enough of Ray for a start-up that a signal interrupts."""
+
+    def __init__(self, on_init):
+        from types import SimpleNamespace
+
+        self.on_init = on_init
+        self.shutdowns = 0
+        context = SimpleNamespace(enable_progress_bars=True)
+        self.data = SimpleNamespace(DataContext=SimpleNamespace(get_current=lambda: context))
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **options):
+        self.on_init()
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def test_a_signal_while_ray_starts_shuts_it_down_and_says_so(tmp_path, real_photos, export_dir,
+                                                             monkeypatch, caplog):
+    fake = _FakeRay(lambda: os.kill(os.getpid(), signal.SIGINT))
+    monkeypatch.setattr("imfree.runtime.ray_infer.import_ray", lambda: fake)
+    out = tmp_path / "tags"
+
+    summary = run_ray_inference(_config(real_photos, export_dir, out), RayConfig(cpus=2))
+
+    assert fake.shutdowns == 1 and summary.stopped_by == "SIGINT"
+    assert summary.images_left == len(list(real_photos.glob("*.jpg")))
+    assert "--resume tags the" in caplog.text
+    assert not list(out.glob("shard-*"))
+
+
+def test_a_second_signal_while_ray_starts_still_shuts_it_down(tmp_path, real_photos, export_dir,
+                                                              monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    fake = _FakeRay(interrupted)
+    monkeypatch.setattr("imfree.runtime.ray_infer.import_ray", lambda: fake)
+
+    summary = run_ray_inference(_config(real_photos, export_dir, tmp_path / "tags"),
+                                RayConfig())
+
+    assert fake.shutdowns == 1 and summary.stopped_by == "SIGINT"
+    manifest = json.loads((tmp_path / "tags" / SHARDS_MANIFEST).read_text())
+    assert not manifest["complete"]
+
+
+def test_a_name_that_is_not_utf8_is_escaped_as_locally(tmp_path, ray_instance, real_photos,
+                                                        export_dir):
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    photo = sorted(real_photos.glob("*.jpg"))[0]
+    shutil.copy(photo, folder / os.fsdecode(b"caf\xe9.jpg"))
+    shutil.copy(photo, folder / "plain.jpg")
+    local = tmp_path / "local.parquet"
+    run_inference(_config(folder, export_dir, local, decode_workers=1, all_scores=True))
+
+    out = tmp_path / "tags"
+    run_ray_inference(_config(folder, export_dir, out, all_scores=True), RayConfig())
+
+    rows = read_shards(out).to_pylist()
+    assert rows == pq.read_table(local).to_pylist()
+    assert rows[0]["path"].endswith("caf\\xe9.jpg") and rows[0]["status"] == "ok"
+
+
+def test_resume_refuses_a_foreign_file_and_another_engine(tmp_path, ray_out, images, export_dir):
+    out = tmp_path / "tags"
+    shutil.copytree(ray_out, out)
+
+    with pytest.raises(ConfigError, match="engine"):
+        run_ray_inference(_config(images, export_dir, out, resume=True, engine="auto"),
+                          RayConfig(shard_rows=SHARD_ROWS))
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(ConfigError, match="notes.txt"):
+        run_ray_inference(_config(images, export_dir, out, resume=True),
+                          RayConfig(shard_rows=SHARD_ROWS))
+
+
+def test_an_output_under_a_file_is_one_error(tmp_path, real_photos, export_dir):
+    (tmp_path / "afile").write_text("a file")
+    with pytest.raises(ConfigError, match="cannot write the shard folder"):
+        run_ray_inference(_config(real_photos, export_dir, tmp_path / "afile" / "x"),
+                          RayConfig())
+
+
+@pytest.mark.parametrize("options, ray_options, error", [
+    (dict(engine="ort-cpu-int8"), {}, "holds no INT8 graph"),
+    (dict(engine_threads=2), dict(cpus=2), "leaving none to decode"),
+])
+def test_what_is_known_before_ray_starts_is_checked_first(tmp_path, real_photos, export_dir,
+                                                          monkeypatch, options, ray_options,
+                                                          error):
+    def no_start():
+        raise AssertionError("Ray was started for a run that could not run")
+
+    monkeypatch.setattr("imfree.runtime.ray_infer.import_ray", lambda: _FakeRay(no_start))
+    with pytest.raises((ConfigError, EngineUnavailable), match=error):
+        run_ray_inference(_config(real_photos, export_dir, tmp_path / "tags", **options),
+                          RayConfig(**ray_options))
+    assert not (tmp_path / "tags").exists()
+
+
+def test_a_second_signal_mid_run_still_keeps_the_rows(tmp_path, ray_instance, images,
+                                                      export_dir, local_table, monkeypatch):
+    from imfree.runtime.ray_infer import _ShardRun
+
+    take, seen = _ShardRun._take, []
+
+    def take_then_interrupt(self, shard, start, result):
+        take(self, shard, start, result)
+        seen.append(start)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # what the second Ctrl-C raises
+
+    monkeypatch.setattr(_ShardRun, "_take", take_then_interrupt)
+    out = tmp_path / "tags"
+    stopped = run_ray_inference(_config(images, export_dir, out),
+                                RayConfig(shard_rows=3 * BATCH))
+    monkeypatch.undo()
+
+    assert stopped.stopped_by == "SIGINT" and len(read_shards_kept(out)) == 2 * BATCH
+    run_ray_inference(_config(images, export_dir, out, resume=True),
+                      RayConfig(shard_rows=3 * BATCH))
+    assert read_shards(out).to_pylist() == local_table.to_pylist()

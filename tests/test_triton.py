@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imfree.cli import app
-from imfree.errors import BundleError, ExportError
+from imfree.errors import BundleError, ConfigError, ExportError
 from imfree.export.triton import TritonConfig, write_triton_repository
 from imfree.runtime.bundle import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
 
@@ -184,3 +184,105 @@ def test_a_damaged_export_is_refused(tmp_path, exported):
 
     with pytest.raises(BundleError, match="not the graph this export was made with"):
         write_triton_repository(TritonConfig(export_dir, tmp_path / "repo"))
+
+
+# Regressions from the tester's report.
+
+
+def _other_export(tmp_path: Path, export_dir: Path) -> Path:
+    """A copy of the export whose graph differs (as a tiny-vit export's would)."""
+    other = tmp_path / "other" / export_dir.name
+    shutil.copytree(export_dir, other)
+    model = onnx.load(other / "model.onnx")
+    model.doc_string = "another export"
+    onnx.save(model, other / "model.onnx")
+    manifest = dataclasses.replace(read_manifest(other),
+                                   onnx_sha256=sha256_file(other / "model.onnx"))
+    write_manifest(other, manifest)
+    return other
+
+
+def test_a_model_of_another_export_is_replaced_only_on_request(tmp_path, exported):
+    export_dir, built = exported
+    repo = tmp_path / "repo"
+    shutil.copytree(built, repo)
+    other = _other_export(tmp_path, export_dir)
+
+    with pytest.raises(ExportError, match="another export.*--replace"):
+        write_triton_repository(TritonConfig(other, repo))
+    assert read_manifest(repo / "voc-export").onnx_sha256 == read_manifest(export_dir).onnx_sha256
+
+    result = CliRunner().invoke(app, ["export-triton", str(other), "--repo", str(repo),
+                                      "--replace"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(repo / "voc-export").onnx_sha256 == read_manifest(other).onnx_sha256
+
+
+def test_files_added_to_a_model_are_kept_unless_replace(tmp_path, exported):
+    export_dir, built = exported
+    repo = tmp_path / "repo"
+    shutil.copytree(built, repo)
+    (repo / "voc-export" / "NOTES").write_text("mine")
+
+    with pytest.raises(ExportError, match="NOTES"):
+        write_triton_repository(TritonConfig(export_dir, repo))
+    assert (repo / "voc-export" / "NOTES").read_text() == "mine"
+
+    (repo / "voc-export" / "NOTES").unlink()
+    write_triton_repository(TritonConfig(export_dir, repo, max_batch_size=8))  # same graph
+    assert parse_config(repo / "voc-export").max_batch_size == 8
+
+
+def test_staging_stays_inside_the_repository(tmp_path, exported, monkeypatch):
+    # A mounted repository is its own file system: a rename from its parent fails
+    # with EXDEV. Any rename that crosses the repository's edge fails here the same way.
+    import os
+
+    export_dir, built = exported
+    repo = tmp_path / "repo"
+    shutil.copytree(built, repo)
+    rename = os.replace
+
+    def same_file_system_only(source, target):
+        inside = [Path(p).resolve().is_relative_to(repo.resolve()) for p in (source, target)]
+        if not all(inside):
+            raise OSError(18, "Invalid cross-device link", str(source))
+        rename(source, target)
+
+    monkeypatch.setattr("imfree.export.triton.os.replace", same_file_system_only)
+    write_triton_repository(TritonConfig(export_dir, repo, max_batch_size=4))
+
+    assert parse_config(repo / "voc-export").max_batch_size == 4
+    assert sorted(p.name for p in repo.iterdir()) == ["voc-export"]  # no staging left
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
+
+
+def test_an_unwritable_repository_is_one_line_before_the_export(tmp_path, exported,
+                                                                trained_artifacts):
+    export_dir, _ = exported
+    (tmp_path / "afile").write_text("a file")
+    for command in (["export-triton", str(export_dir), "--repo"],
+                    ["export", str(trained_artifacts("imfree-tiny-rn")), "--out",
+                     str(tmp_path / "e"), "--triton"]):
+        result = CliRunner().invoke(app, [*command, str(tmp_path / "afile" / "t")])
+        # main() prints an ImfreeError as one `error:` line.
+        assert isinstance(result.exception, ExportError | ConfigError), result.output
+        assert "cannot write the Triton repository" in str(result.exception)
+        assert "afile" in str(result.exception)
+    assert not (tmp_path / "e").exists()  # refused before the export's work
+
+
+def test_a_foreign_folder_stops_export_before_its_work(tmp_path, trained_artifacts):
+    (tmp_path / "repo" / "e3").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["export", str(trained_artifacts("imfree-tiny-rn")),
+                                      "--out", str(tmp_path / "e3"), "--triton",
+                                      str(tmp_path / "repo")])
+    assert isinstance(result.exception, ExportError)
+    assert "--triton-name" in str(result.exception)
+    assert not (tmp_path / "e3").exists()
+
+    result = CliRunner().invoke(app, ["export", str(trained_artifacts("imfree-tiny-rn")),
+                                      "--out", str(tmp_path / "e3"), "--triton",
+                                      str(tmp_path / "repo"), "--triton-name", "e3b"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "repo" / "e3b" / "config.pbtxt").is_file()

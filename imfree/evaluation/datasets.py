@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,8 @@ class EvalSet:
     listed: int = 0  # images the dataset lists, found on disk or not
     notes: list[str] = field(default_factory=list)  # what the reader left out, for the report
 
+    missing_example: str = ""  # where a listed image was looked for and not found
+
     @property
     def missing(self) -> int:
         return self.listed - len(self.paths)
@@ -87,6 +90,10 @@ def read_dataset(spec: str, label_column: str = "labels") -> EvalSet:
 
     if kind == "voc2007":
         folder, split = _split_suffix(rest, VOC_SPLITS, "test")
+        head, comma, tail = folder.rpartition(",")
+        if comma and not Path(folder).exists() and Path(head).exists():
+            raise DatasetError(f"{tail!r} is not a VOC2007 split: name one of "
+                               f"{', '.join(VOC_SPLITS)} (voc2007:DIR,test)")
         evalset = read_voc2007(Path(folder), split)
     elif kind == "coco2014":
         instances, _, images = rest.partition(",")
@@ -96,9 +103,14 @@ def read_dataset(spec: str, label_column: str = "labels") -> EvalSet:
     else:
         evalset = read_csv(Path(rest), label_column)
 
+    if not evalset.listed:
+        raise DatasetError(f"{evalset.name} lists no images; pass a dataset with at least one "
+                           f"image ({SPEC_HELP})")
     if not evalset.paths:
-        raise DatasetError(f"{evalset.name}: none of its {evalset.listed} images is on disk; "
-                           f"check the dataset folder ({SPEC_HELP})")
+        where = evalset.missing_example
+        raise DatasetError(f"{evalset.name}: none of its {evalset.listed} images is on disk "
+                           f"(looked for {where}, for one); check the dataset folder "
+                           f"({SPEC_HELP})")
     return evalset
 
 
@@ -156,9 +168,14 @@ def _voc_objects(path: Path) -> list[tuple[str, bool]]:
 
     found = []
     for item in tree.getroot().iter("object"):
-        name = (item.findtext("name") or "").strip()
+        # VOC's class names are lower case: "Dog " is the class dog, not a new one.
+        name = (item.findtext("name") or "").strip().lower()
+        difficult = (item.findtext("difficult") or "0").strip().lower()
+        if difficult not in ("0", "1", "true", "false", "yes", "no"):
+            raise DatasetError(f"{path}: <difficult> of a {name or 'nameless'} object is "
+                               f"{difficult!r}; write 0 or 1")
         if name:
-            found.append((name, (item.findtext("difficult") or "0").strip() == "1"))
+            found.append((name, difficult in ("1", "true", "yes")))
     return found
 
 
@@ -171,23 +188,64 @@ def read_coco(instances: Path, images: Path | None = None) -> EvalSet:
     without any annotation stay in, negative for every class.
     """
     data = read_json(instances, "the COCO instances file")
+    fix = "pass annotations/instances_val2014.json, or repair the file"
     try:
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        classes = [c["name"] for c in categories]
+        categories = sorted(_coco_list(data, "categories"), key=lambda c: int(c["id"]))
+        classes = [str(c["name"]) for c in categories]
         column = {c["id"]: i for i, c in enumerate(categories)}
-        files = [(image["id"], image["file_name"]) for image in data["images"]]
-        row = {image_id: i for i, (image_id, _) in enumerate(files)}
-        targets = np.zeros((len(files), len(classes)), dtype=bool)
-        for annotation in data.get("annotations", []):
-            targets[row[annotation["image_id"]], column[annotation["category_id"]]] = True
-    except (KeyError, TypeError) as err:  # TypeError: not an object where one belongs
-        raise DatasetError(f"{instances} is not a COCO instances file (key {err} is missing "
-                           f"or unknown); pass annotations/instances_val2014.json") from err
+        files = [(image["id"], image["file_name"]) for image in _coco_list(data, "images")]
+        annotations = _coco_list(data, "annotations", required=False)
+    except (KeyError, TypeError, ValueError) as err:  # not an object where one belongs
+        raise DatasetError(f"{instances} is not a COCO instances file ({_coco_problem(err)}); "
+                           f"{fix}") from err
+    bad_names = [image_id for image_id, name in files if not isinstance(name, str) or not name]
+    if bad_names:
+        raise DatasetError(f"{instances}: image {bad_names[0]!r} has no file_name; {fix}")
+    if not files:
+        raise DatasetError(f"{instances} lists no images; {fix}")
+
+    row = {image_id: i for i, (image_id, _) in enumerate(files)}
+    targets = np.zeros((len(files), len(classes)), dtype=bool)
+    for number, annotation in enumerate(annotations):
+        try:
+            image_id, category_id = annotation["image_id"], annotation["category_id"]
+        except (KeyError, TypeError) as err:
+            raise DatasetError(f"{instances}: annotation {number} is not an object with "
+                               f"image_id and category_id ({_coco_problem(err)}); {fix}") from err
+        if image_id not in row:
+            raise DatasetError(f"{instances}: annotation {number} (id "
+                               f"{annotation.get('id')!r}) names image_id {image_id!r}, which "
+                               f"no image has; {fix}")
+        if category_id not in column:
+            raise DatasetError(f"{instances}: annotation {number} (id "
+                               f"{annotation.get('id')!r}) names category_id {category_id!r}, "
+                               f"which no category has; {fix}")
+        targets[row[image_id], column[category_id]] = True
 
     folder = images or _coco_images_folder(instances)
     paths = [folder / name for _, name in files]
     split = instances.stem.removeprefix("instances_")
     return _keep_found(EvalSet(f"coco {split}", paths, classes, targets, None, len(files)))
+
+
+def _coco_list(data: Any, key: str, required: bool = True) -> list:
+    """`data[key]`, a list; TypeError or KeyError saying which key is wrong."""
+    if not isinstance(data, dict):
+        raise TypeError(f"the file holds a JSON {type(data).__name__}, not an object")
+    if key not in data and not required:
+        return []
+    value = data[key]
+    if not isinstance(value, list):
+        raise TypeError(f'"{key}" is {type(value).__name__}, not a list')
+    return value
+
+
+def _coco_problem(err: Exception) -> str:
+    if isinstance(err, KeyError):
+        return f"key {err} is missing"
+    if isinstance(err, ValueError):
+        return f"an id is not a number: {err}"
+    return str(err)
 
 
 def _coco_images_folder(instances: Path) -> Path:
@@ -219,6 +277,10 @@ def read_nuswide(folder: Path) -> EvalSet:
         if len(values) != len(listed):
             raise DatasetError(f"{label_file} has {len(values)} lines for {len(listed)} "
                                f"images in ImageList/TestImagelist.txt; restore both files")
+        bad = next((i for i, value in enumerate(values) if value not in ("0", "1")), None)
+        if bad is not None:
+            raise DatasetError(f"{label_file}, line {bad + 1}: label {values[bad]!r} is neither "
+                               f"0 nor 1; restore the file")
         targets[:, c] = np.array(values) == "1"
 
     paths = [_nuswide_image(folder, line.replace("\\", "/")) for line in listed]
@@ -263,6 +325,10 @@ def read_csv(path: Path, label_column: str = "labels") -> EvalSet:
     if label_column not in columns:
         raise DatasetError(f"{path} has no column {label_column!r}; pick one with "
                            f"--label-column (columns: {', '.join(columns)})")
+    if rows and not any((row[label_column] or "").strip() for row in rows):
+        raise DatasetError(f"the column {label_column!r} of {path} is empty in every row; "
+                           f"pick the column with the labels with --label-column (columns: "
+                           f"{', '.join(columns)})")
 
     labels = [[n.strip() for n in (row[label_column] or "").split(";") if n.strip()]
               for row in rows]
@@ -290,9 +356,16 @@ def _csv_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
 # Shared ------------------------------------------------------------------------------
 
 def _keep_found(evalset: EvalSet) -> EvalSet:
+    seen: set[Path] = set()
+    for path in evalset.paths:
+        if path in seen:
+            raise DatasetError(f"{evalset.name} lists {path} twice; list each image once "
+                               f"(with all its labels)")
+        seen.add(path)
     found = np.array([p.is_file() for p in evalset.paths], dtype=bool)
     if found.all():
         return evalset
+    evalset.missing_example = str(evalset.paths[int(np.argmin(found))])
     missing = int((~found).sum())
     logger.warning("%s: %d of %d listed images are not on disk and are left out",
                    evalset.name, missing, evalset.listed)

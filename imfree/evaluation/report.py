@@ -167,6 +167,7 @@ def _check_config(config: EvalConfig) -> None:
     for path in (config.out, config.json_out):
         if path is not None:
             _check_writable(Path(path))
+    _check_outputs_spare_inputs(config)
 
 
 def _check_writable(path: Path) -> None:
@@ -179,6 +180,32 @@ def _check_writable(path: Path) -> None:
     if path.is_dir() or not os.access(path.parent, os.W_OK):
         raise ConfigError(f"cannot write {path}: it is a folder or its folder is not "
                           f"writable; pass another --out or --json")
+
+
+def _check_outputs_spare_inputs(config: EvalConfig) -> None:
+    """No report may replace a source, a dataset file, a file inside either, or the other report."""
+    outputs = [Path(p) for p in (config.out, config.json_out) if p is not None]
+    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
+        raise ConfigError(f"--out and --json both name {outputs[0]}: the JSON would replace "
+                          "the Markdown report; pass two different files")
+    inputs = list(config.sources) + _dataset_paths(config.dataset)
+    for out in outputs:
+        target = out.resolve()
+        for source in inputs:
+            held = source.resolve()
+            inside = held.is_dir() and target.is_relative_to(held) and target.exists()
+            if target == held or inside:
+                raise ConfigError(f"{out} would overwrite {'a file in ' if inside else ''}"
+                                  f"{source}, an input of this evaluation; pass another "
+                                  "--out or --json")
+
+
+def _dataset_paths(dataset: str | EvalSet) -> list[Path]:
+    """The files and folders a dataset spec reads (a spec's parts between commas)."""
+    if not isinstance(dataset, str):
+        return []
+    _, _, rest = dataset.partition(":")
+    return [Path(part) for part in rest.split(",") if part and Path(part).exists()]
 
 
 def _common_classes(

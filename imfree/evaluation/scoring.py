@@ -9,7 +9,8 @@ weights) share one loaded copy and one encoder pass (see graphs.py). An image
 that fails to decode is left out and counted, for every artifact of its group.
 
 A predictions file is an output of `imfree infer --all-scores` (CSV, JSON
-Lines or Parquet), read with the runtime's own reader; its rows are matched
+Lines or Parquet, or the shard folder of a `--ray` run), read with the
+runtime's own reader; its rows are matched
 to the dataset's images by path.
 """
 
@@ -27,7 +28,8 @@ import numpy as np
 
 from imfree.errors import ConfigError
 from imfree.evaluation.datasets import EvalSet
-from imfree.runtime.writers import OUTPUT_SUFFIXES, read_scores
+from imfree.runtime.ray_shards import SHARDS_MANIFEST
+from imfree.runtime.writers import OUTPUT_SUFFIXES, parquet_text, read_scores
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +94,11 @@ def _is_artifact(path: Path) -> bool:
                           f"that output")
     if not path.is_dir() and path.suffix.lower() in OUTPUT_SUFFIXES:
         return False  # read_scores says what is wrong with it, if anything
+    if path.is_dir() and (path / SHARDS_MANIFEST).is_file():
+        return False  # the shard folder of `imfree infer --ray`
     raise ConfigError(f"{path} is neither a classifier artifact (a folder from `imfree train`) "
-                      f"nor an output of `imfree infer --all-scores` (.csv, .jsonl, .parquet)")
+                      f"nor an output of `imfree infer --all-scores` (.csv, .jsonl, .parquet, "
+                      f"or the folder of a --ray run)")
 
 
 # Predictions files --------------------------------------------------------------------
@@ -145,6 +150,8 @@ def _row_lookup(paths: list[str], images: list[Path]) -> Callable[[Path], int | 
 
     def row(image: Path) -> int | None:
         found = by_path.get(image.resolve())
+        if found is None:  # Parquet spells a name that is not UTF-8 with \xNN escapes
+            found = by_path.get(Path(parquet_text(str(image.resolve()))))
         if found is None and rows_named[image.name] == 1 and images_named[image.name] == 1:
             found = by_name[image.name]
         return found
@@ -176,12 +183,26 @@ def _score_artifacts(
         graphs = [_graph(artifacts[i], backbones, target) for i in members]
         scored = _run_group(evalset, graphs, size, interpolation, batch_size, target, draft)
         for i, (scores, rows, failed, seconds) in zip(members, scored, strict=True):
+            _check_some_scored(evalset, paths[i], rows, failed)
             results[i] = SourceScores(
                 name=names[i], path=paths[i], classes=list(artifacts[i].classes), rows=rows,
                 scores=scores, failed=failed, seconds=seconds,
                 default_threshold=2.0 / len(artifacts[i].classes),
             )
     return [results[i] for i in range(len(paths))]
+
+
+def _check_some_scored(evalset: EvalSet, path: Path, rows: np.ndarray,
+                       failed: dict[str, str]) -> None:
+    """Say why images failed; a source that scored none is an error, not a table of zeros."""
+    if not failed:
+        return
+    first, reason = next(iter(failed.items()))
+    if not len(rows):
+        raise ConfigError(f"none of the {len(evalset.paths)} images of {evalset.name} could be "
+                          f"decoded for {path} (first: {first}: {reason}); check the images")
+    logger.warning("%s: %d images of %s failed to decode (first: %s: %s)", path, len(failed),
+                   evalset.name, first, reason)
 
 
 def _torch_device(device: Device, torch) -> str:

@@ -10,8 +10,13 @@ per model. The graph takes uint8 NHWC images and does the normalisation itself,
 so a client sends decoded, resized pixels and nothing else.
 
 Names, shapes and types come from the graph as onnxruntime reads it, not from
-assumptions, and each model folder is built beside the repository and renamed
-into place, so Triton never sees half of one.
+assumptions, and each model folder is built in a hidden staging folder inside
+the repository (the same file system, even where the repository is a mounted
+volume) and renamed into place, so Triton never sees half of one.
+
+An existing model folder is replaced only when imfree wrote it from the same
+graph and it holds nothing else; another export's model, or files a user added,
+need `replace`. A folder imfree did not write is never replaced.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -27,7 +31,7 @@ from typing import Literal, get_args
 import onnxruntime
 
 from imfree.errors import BundleError, ExportError
-from imfree.fileio import make_staging_folder, write_atomically
+from imfree.fileio import make_folder, make_staging_folder, unwritable, write_atomically
 from imfree.runtime.bundle import (
     MANIFEST_NAME,
     REEXPORT_HINT,
@@ -43,6 +47,8 @@ PLAN_PLATFORM = "tensorrt_plan"
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
 VERSION = "1"
+STAGING_PREFIX = ".imfree-staging-"  # hidden, inside the repository, for its renames
+_NAME_OPTIONS = "--name of imfree export-triton, --triton-name of imfree export"
 InstanceKind = Literal["auto", "gpu", "cpu"]
 
 # onnxruntime's element types, as Triton names them.
@@ -62,6 +68,7 @@ class TritonConfig:
     max_queue_delay_us: int = 5_000  # how long a request waits for others to batch with
     instances: int = 1  # model instances per device
     kind: InstanceKind = "auto"  # auto: one group per GPU if the server has GPUs, else CPU
+    replace: bool = False  # replace an imfree model of another export, or with added files
 
 
 @dataclass
@@ -108,20 +115,40 @@ def write_triton_repository(config: TritonConfig) -> TritonRepository:
     models += [_plan_model(name, tensors, record, config)
                for record in manifest.tensorrt_engines[:1]]
 
-    repo = Path(config.repo)
-    repo.mkdir(parents=True, exist_ok=True)
-    for model in models:
-        _check_model_destination(repo / model.name)
-    staging = make_staging_folder(repo.parent, prefix=f".{repo.name}.partial-")
+    repo = check_repository(config.repo, [m.name for m in models], config.replace,
+                            manifest.onnx_sha256)
+    try:
+        staging = make_staging_folder(repo, prefix=STAGING_PREFIX)
+    except OSError as err:
+        raise unwritable(repo, err, "the Triton repository") from None
     try:
         for model, source in zip(models, _graph_sources(export_dir, manifest), strict=True):
             _write_model(staging / model.name, model, source, export_dir, manifest)
         for model in models:
-            _move_into_place(staging / model.name, repo / model.name)
+            _move_into_place(staging / model.name, repo / model.name, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.debug("Triton repository %s: %s", repo, ", ".join(m.name for m in models))
     return TritonRepository(root=repo, models=[m.name for m in models])
+
+
+def model_names(name: str, with_plan: bool) -> list[str]:
+    """The model folders an export named `name` becomes (NAME, and NAME_trt for a plan)."""
+    return [name, f"{name}_trt"] if with_plan else [name]
+
+
+def check_repository(repo: str | os.PathLike[str], names: list[str], replace: bool = False,
+                     onnx_sha256: str | None = None) -> Path:
+    """Make the repository folder and check that models `names` may be written there.
+
+    Called before an export's work too, so a clash or an unwritable repository is
+    found at once. Without `onnx_sha256` (the graph is not made yet) an imfree
+    model of another export is not found here but by the write itself.
+    """
+    repo = make_folder(repo, "the Triton repository")
+    for name in names:
+        _check_model_destination(repo / name, replace, onnx_sha256)
+    return repo
 
 
 def render_config(model: TritonModel) -> str:
@@ -284,18 +311,45 @@ def _write_model(folder: Path, model: TritonModel, graph: Path, export_dir: Path
     shutil.copyfile(export_dir / MANIFEST_NAME, folder / MANIFEST_NAME)
 
 
-def _check_model_destination(folder: Path) -> None:
-    """An earlier imfree model there is replaced; anything else is the user's, and kept."""
-    if folder.exists() and not (folder / MANIFEST_NAME).is_file():
-        raise ExportError(f"{folder} exists and is not a model imfree wrote; pass another "
-                          "--name or repository, so nothing of yours is overwritten")
+def _check_model_destination(folder: Path, replace: bool, onnx_sha256: str | None) -> None:
+    """An earlier imfree model of the same graph is replaced; anything else only on request."""
+    if not folder.exists():
+        return
+    if not (folder / MANIFEST_NAME).is_file():
+        raise ExportError(f"{folder} exists and is not a model imfree wrote; choose another "
+                          f"model name ({_NAME_OPTIONS}) or repository, so nothing of yours "
+                          "is overwritten")
+    if replace:
+        return
+    if onnx_sha256 is not None and _model_graph(folder) != onnx_sha256:
+        raise ExportError(f"{folder} holds the model of another export (another graph); "
+                          f"choose another model name ({_NAME_OPTIONS}), or pass --replace "
+                          "to replace it")
+    added = _added_files(folder)
+    if added:
+        raise ExportError(f"{folder} holds files imfree did not write ({', '.join(added[:3])}"
+                          f"{', ...' if len(added) > 3 else ''}); move them out, or pass "
+                          "--replace to replace the model folder with them")
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
+def _model_graph(folder: Path) -> str | None:
+    try:
+        return read_manifest(folder).onnx_sha256
+    except BundleError:
+        return None
+
+
+def _added_files(folder: Path) -> list[str]:
+    written = {CONFIG_FILE, LABELS_FILE, MANIFEST_NAME, f"{VERSION}/model.onnx",
+               f"{VERSION}/model.plan"}
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() or p.is_symlink()
+                  if str(p.relative_to(folder)) not in written)
+
+
+def _move_into_place(built: Path, out: Path, staging: Path) -> None:
+    # The retired model goes into the staging folder, inside the repository: both
+    # renames stay on one file system, and the staging folder's removal takes it.
     if out.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent.parent))
-        os.replace(out, retired / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+        os.replace(out, staging / f".{out.name}.old")
+    os.replace(built, out)

@@ -193,7 +193,8 @@ def _tag(
     started = time.perf_counter()
 
     with (
-        open_writer(config.out, manifest.classes, config.all_scores, config.resume) as writer,
+        open_writer(config.out, manifest.classes, config.all_scores, config.resume,
+                    _run_key(config, manifest, thresholds)) as writer,
         stop_on_signals() as stop,
     ):
         todo = len(paths) - sum(str(path) in writer.done for path in paths)
@@ -240,6 +241,16 @@ def _tag(
         decode_workers=workers,
         workers_replaced=times.workers_replaced,
     )
+
+
+def _run_key(config: InferConfig, manifest: ExportManifest,
+             thresholds: np.ndarray) -> dict[str, object]:
+    """What a row depends on beyond its columns: a resumed run must bring the same.
+
+    The engine choice is in it: another precision gives other scores.
+    """
+    return {"onnx_sha256": manifest.onnx_sha256, "engine": config.engine,
+            "top_k": config.top_k, "thresholds": [float(t) for t in thresholds]}
 
 
 def _chunks_to_do(paths: list[Path], writer: RowWriter, batch_size: int) -> Iterator[list[Path]]:

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from imfree.errors import ConfigError, ImfreeError
-from imfree.runtime.bundle import ExportManifest, read_manifest
+from imfree.errors import ConfigError, EngineUnavailable, ImfreeError
+from imfree.runtime.bundle import ExportManifest, find_variant, read_manifest
 from imfree.runtime.engines import EngineChoice, open_engine
 from imfree.runtime.infer import (
     InferConfig,
@@ -56,13 +56,15 @@ from imfree.runtime.pipeline import (
 from imfree.runtime.ray_shards import (
     DEFAULT_SHARD_ROWS,
     Shard,
+    cut_at_batches,
     mark_complete,
     plan_shards,
     prepare_folder,
     run_signature,
+    write_manifest,
     write_shard,
 )
-from imfree.runtime.signals import stop_on_signals
+from imfree.runtime.signals import StopRequest, stop_on_signals
 from imfree.runtime.sources import collect_inputs
 from imfree.runtime.thresholds import class_thresholds
 from imfree.runtime.writers import row_record
@@ -72,6 +74,9 @@ logger = logging.getLogger(__name__)
 LOCAL = "local"  # as the address: start a Ray instance on this machine for the run
 INSTALL_HINT = "pip install 'imfree[ray]'"
 DECODE_MEMORY = 256 << 20  # bytes a decode task needs besides its batch's pixels
+
+# Engines that need a graph variant in the export, and its precision.
+_VARIANT_ENGINES = {"ort-cpu-int8": "int8", "ort-cuda-fp16": "fp16"}
 
 # Engines that may run on a GPU: on a cluster with GPUs they get one actor per GPU.
 _GPU_ENGINES = frozenset({"auto", "tensorrt", "ort-cuda", "ort-cuda-fp16", "torch",
@@ -104,27 +109,47 @@ def run_ray_inference(config: InferConfig, ray_config: RayConfig) -> InferSummar
     _check_ray_config(config, ray_config)
     ray = import_ray()  # a missing extra fails before anything is written
     manifest = read_manifest(config.export_dir)
+    _check_before_start(config, ray_config, manifest)
     thresholds = class_thresholds(manifest.classes, default_threshold(config, manifest),
                                   config.thresholds_file)
 
     paths = collect_inputs(input_spec(config))
-    shards = plan_shards(len(paths), config.batch_size, ray_config.shard_rows)
+    planned = plan_shards(len(paths), config.batch_size, ray_config.shard_rows)
     signature = run_signature(paths, manifest, thresholds, config.batch_size,
-                              ray_config.shard_rows, config.top_k, config.all_scores)
-    done = prepare_folder(Path(config.out), signature, shards, paths, config.resume)
-    todo = [shard for shard in shards if shard.index not in done]
-    skipped = sum(shard.rows for shard in shards if shard.index in done)
+                              ray_config.shard_rows, config.top_k, config.all_scores,
+                              config.engine)
+    shards, done = prepare_folder(Path(config.out), signature, planned, paths, config.resume)
+    todo = [shard for shard in shards if shard.file not in done]
+    skipped = sum(shard.rows for shard in shards if shard.file in done)
 
     run = _ShardRun(config, manifest, thresholds, paths, skipped)
     for shard in [s for s in todo if s.rows == 0]:  # no inputs: an empty table, no cluster
         run.finish_shard(shard)
     todo = [shard for shard in todo if shard.rows]
+    run.todo = sum(shard.rows for shard in todo)
     if todo:
-        with ray_session(ray, ray_config):
-            run.tag(ray, todo, _placement(ray.cluster_resources(), config, ray_config))
+        # Signals are caught from before Ray starts: a Ctrl-C while it starts lets the
+        # start finish, then shuts it down, instead of leaving its processes behind.
+        with stop_on_signals() as stop:
+            try:
+                with ray_session(ray, ray_config):
+                    if not stop.requested:
+                        run.tag(ray, todo, _placement(ray.cluster_resources(), config,
+                                                      ray_config), stop)
+            except KeyboardInterrupt:
+                # A second signal: stop at once, but the rows that came back are kept.
+                logger.warning("stopped at once; writing the rows that came back")
+                run.stopped_by = "SIGINT"
+            if stop.requested:
+                run.stopped_by = stop.signal.name if stop.signal else "SIGINT"
+            shards = run.keep_unfinished(shards)
 
     summary = run.summary()
-    if not summary.stopped_by:
+    if summary.stopped_by:
+        write_manifest(Path(config.out), signature, shards, complete=False)
+        logger.warning("stopped: %d finished rows are kept in %s; --resume tags the %d left",
+                       skipped + run.handled, config.out, summary.images_left)
+    else:
         mark_complete(Path(config.out), signature, shards)
     log_summary(summary)
     return summary
@@ -152,19 +177,23 @@ def ray_session(ray: ModuleType, ray_config: RayConfig) -> Iterator[None]:
         yield
         return
 
+    cpus = ray_config.cpus or available_cores()
     if ray_config.address == LOCAL:
-        cpus = ray_config.cpus or available_cores()
         logger.info("starting a local Ray instance with %d CPUs", cpus)
-        # address="local": a new instance even where `ray start` already runs one,
-        # which a plain ray.init() would join. Errors only: its start-up notes (a token
-        # was made, where logs go) are about an instance that ends with this run.
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.ERROR)
     else:
         logger.info("connecting to the Ray cluster at %s", ray_config.address)
-        ray.init(address=ray_config.address, log_to_driver=False,
-                 logging_level=logging.WARNING)
     try:
+        # Inside the try: a start cut short (a second Ctrl-C) still shuts down what
+        # it started, instead of leaving Ray's processes running on their own.
+        if ray_config.address == LOCAL:
+            # address="local": a new instance even where `ray start` already runs one,
+            # which a plain ray.init() would join. Errors only: its start-up notes (a
+            # token was made, where logs go) are about an instance that ends with this run.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.ERROR)
+        else:
+            ray.init(address=ray_config.address, log_to_driver=False,
+                     logging_level=logging.WARNING)
         _quiet_ray_data(ray)
         yield
     finally:
@@ -199,13 +228,17 @@ class _ShardRun:
         self._pending: dict[int, dict[int, list[dict[str, Any]]]] = {}
         self._shards_written = 0
 
-    def tag(self, ray: ModuleType, shards: list[Shard], placement: Placement) -> None:
-        """Run the pipeline over the batches of `shards`, writing each shard when whole."""
+    def tag(self, ray: ModuleType, shards: list[Shard], placement: Placement,
+            stop: StopRequest) -> None:
+        """Run the pipeline over the batches of `shards`, writing each shard when whole.
+
+        On a stop, the batches in flight are left to Ray: `keep_unfinished` then
+        writes what came back of the shards begun.
+        """
         self.placement = placement
         batches = [(shard, start) for shard in shards
                    for start in range(shard.first, shard.stop, self.config.batch_size)]
-        self.todo = sum(shard.rows for shard in shards)
-        self._pending = {shard.index: {} for shard in shards}
+        self._pending = {shard.file: {} for shard in shards}
         logger.info("%d batches in %d shards on %d engine actors (%d CPU, %d GPU each), "
                     "decoding on %d CPUs", len(batches), len(shards), placement.engines,
                     placement.cpus_each, placement.gpus_each, placement.decode_cpus)
@@ -214,7 +247,7 @@ class _ShardRun:
         dataset = self._dataset(ray, batches, placement)
         bar = tqdm(total=self.todo, unit="img", file=sys.stderr, disable=not self.config.progress,
                    dynamic_ncols=True)
-        with bar, stop_on_signals() as stop:
+        with bar:
             try:
                 for result in dataset.iter_rows():
                     shard, start = batches[int(result["batch"])]
@@ -229,10 +262,33 @@ class _ShardRun:
                     if user_error is None:
                         raise
                     raise user_error from None
-            if stop.requested:
-                self.stopped_by = stop.signal.name if stop.signal else "SIGINT"
-                logger.warning("stopped: the %d whole shards are kept in %s; the rest are "
-                               "tagged by --resume", self._shards_written, self.out)
+
+    def keep_unfinished(self, shards: list[Shard]) -> list[Shard]:
+        """Write what came back of each shard begun as pieces; the plan with those pieces.
+
+        The pieces that came back are whole files now; the others are planned, for
+        --resume to tag, so the finished folder holds the rows of a run never stopped.
+        """
+        plan: list[Shard] = []
+        for shard in shards:
+            pending = self._pending.get(shard.file)
+            if not pending:
+                plan.append(shard)
+                continue
+            if sum(len(records) for records in pending.values()) == shard.rows:
+                # All in, but a second signal cut its writing short: it is written whole.
+                self.finish_shard(shard, [r for start in sorted(pending) for r in pending[start]])
+                plan.append(shard)
+                continue
+            pieces = cut_at_batches(shard, set(pending), self.config.batch_size)
+            for piece in pieces:
+                if piece.first in pending:
+                    records = [record for start in sorted(pending) if piece.first <= start
+                               < piece.stop for record in pending[start]]
+                    self.finish_shard(piece, records)
+            plan += pieces
+            del self._pending[shard.file]
+        return plan
 
     def finish_shard(self, shard: Shard, records: list[dict[str, Any]] | None = None) -> None:
         write_shard(self.out, shard, records or [], self.manifest.classes,
@@ -317,7 +373,7 @@ class _ShardRun:
         self.failures.update(reason for _, reason in failures)
         self.handled += len(paths)
 
-        pending = self._pending[shard.index]
+        pending = self._pending[shard.file]
         pending[start] = [row_record(row, self.manifest.classes, self.config.all_scores)
                           for row in rows]
         if sum(len(records) for records in pending.values()) == shard.rows:
@@ -325,7 +381,7 @@ class _ShardRun:
             records = [record for key in sorted(pending) for record in pending[key]]
             self.finish_shard(shard, records)
             self.times.write_seconds += time.perf_counter() - started
-            del self._pending[shard.index]
+            del self._pending[shard.file]
 
 
 def _probe_engine(ray: ModuleType, config: InferConfig, placement: Placement) -> str:
@@ -413,6 +469,19 @@ def _check_ray_config(config: InferConfig, ray_config: RayConfig) -> None:
         raise ConfigError("--ray-cpus sizes a local Ray instance; a cluster has its own "
                           "CPUs: drop it, or drop the address")
     _check_address(ray_config.address)
+
+
+def _check_before_start(config: InferConfig, ray_config: RayConfig,
+                        manifest: ExportManifest) -> None:
+    """What can be known without a cluster is checked before one starts (about 10 s)."""
+    precision = _VARIANT_ENGINES.get(config.engine)
+    if precision and find_variant(manifest, precision) is None:
+        flags = "--int8 --calibrate FOLDER" if precision == "int8" else "--fp16"
+        raise EngineUnavailable(
+            f"the export holds no {precision.upper()} graph; re-export with "
+            f"`imfree export ARTIFACT --out DIR {flags}`, or run with --engine ort-cpu")
+    if ray_config.address == LOCAL:  # a local instance's CPUs are known now
+        _placement({"CPU": ray_config.cpus or available_cores()}, config, ray_config)
 
 
 def _check_address(address: str) -> None:

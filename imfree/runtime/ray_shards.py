@@ -4,7 +4,11 @@ The input list, in the order a local run takes it, is cut into shards of whole
 batches, so each batch the engine sees is the one a local run would see, and
 its scores are the same to the last bit. A shard is written atomically once all
 its rows are in: a shard file that exists is whole, and `--resume` tags only the
-shards that are missing.
+shards that are missing. A run stopped by a signal keeps every row it has: a
+shard it was filling is cut, at batch boundaries, into pieces (the batches that
+came back, and those that did not), each its own file in the plan, so the
+resumed run fills in the missing pieces and ends with the rows, in the order,
+of a run never stopped.
 
 The manifest `_imfree_shards.json` records the plan and what the rows depend on
 (the input list, the export, the options), so a resumed run cannot mix rows of
@@ -27,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from imfree.errors import ConfigError
-from imfree.fileio import read_json, write_atomically
+from imfree.fileio import make_folder, read_json, unwritable, write_atomically
 from imfree.runtime.bundle import ExportManifest
-from imfree.runtime.writers import OUTPUT_SUFFIXES, write_parquet
+from imfree.runtime.writers import OUTPUT_SUFFIXES, parquet_text, write_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +50,13 @@ class Shard:
     index: int
     first: int  # position of its first path in the input list
     rows: int
+    piece: bool = False  # a part of shard `index`, cut by a stopped run
 
     @property
     def file(self) -> str:
+        # Pieces sort between their shard's neighbours, so the folder reads in order.
+        if self.piece:
+            return f"shard-{self.index:05d}-{self.first:010d}.parquet"
         return f"shard-{self.index:05d}.parquet"
 
     @property
@@ -80,8 +88,13 @@ def run_signature(
     shard_rows: int,
     top_k: int,
     all_scores: bool,
+    engine: str = "auto",
 ) -> dict[str, Any]:
-    """Everything a shard's rows depend on; a resumed run must match it exactly."""
+    """Everything a shard's rows depend on; a resumed run must match it exactly.
+
+    The engine choice is part of it: another engine (an fp16 or int8 variant, say)
+    gives other scores, which must not mix with the earlier shards'.
+    """
     listing = "\n".join(str(path) for path in paths).encode("utf-8", errors="surrogateescape")
     return {
         "inputs": {"count": len(paths), "sha256": hashlib.sha256(listing).hexdigest()},
@@ -91,6 +104,7 @@ def run_signature(
         "top_k": top_k,
         "all_scores": all_scores,
         "thresholds": [float(t) for t in thresholds],
+        "engine": engine,
     }
 
 
@@ -100,8 +114,11 @@ def prepare_folder(
     shards: list[Shard],
     paths: list[Path],
     resume: bool,
-) -> set[int]:
-    """Make `out` ready for the run; the indexes of the shards already whole there."""
+) -> tuple[list[Shard], set[str]]:
+    """Make `out` ready for the run: its shard plan, and the files of those already whole.
+
+    A resumed run takes the plan from the manifest, with the pieces a stop cut.
+    """
     _check_out(out)
     manifest_path = out / SHARDS_MANIFEST
 
@@ -116,18 +133,37 @@ def prepare_folder(
                 "delete the folder (or pass another --out) to start over"
             )
         _check_same_run(manifest_path, signature)
-        done = {shard.index for shard in shards if shard_is_whole(out, shard, paths)}
+        shards = _planned_shards(manifest_path, len(paths), signature["batch_size"])
+        _refuse_foreign_files(out, shards)
+        done = {shard.file for shard in shards if shard_is_whole(out, shard, paths)}
         logger.info("resuming: %d of %d shards already in %s", len(done), len(shards), out)
-        return done
+        return shards, done
 
     if out.is_dir() and any(p.name != SHARDS_MANIFEST for p in out.iterdir()):
         raise ConfigError(
             f"{out} is a non-empty folder without {SHARDS_MANIFEST}: with --ray, --out names "
             "a folder for the shards; pass a new or empty one"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    _write_manifest(out, signature, shards, complete=False)
-    return set()
+    make_folder(out, "the shard folder")
+    try:
+        write_manifest(out, signature, shards, complete=False)
+    except PermissionError as err:
+        raise unwritable(out, err, "the shard folder") from None
+    return shards, set()
+
+
+def cut_at_batches(shard: Shard, done: set[int], batch_size: int) -> list[Shard]:
+    """`shard` as pieces of consecutive batches, each all in `done` (their starts) or all not."""
+    starts = list(range(shard.first, shard.stop, batch_size))
+    pieces: list[Shard] = []
+    for start in starts:
+        rows = min(batch_size, shard.stop - start)
+        if pieces and (start in done) == (pieces[-1].first in done):
+            last = pieces[-1]
+            pieces[-1] = Shard(shard.index, last.first, last.rows + rows, piece=True)
+        else:
+            pieces.append(Shard(shard.index, start, rows, piece=True))
+    return pieces
 
 
 def shard_is_whole(out: Path, shard: Shard, paths: list[Path]) -> bool:
@@ -141,7 +177,7 @@ def shard_is_whole(out: Path, shard: Shard, paths: list[Path]) -> bool:
     except Exception as error:  # noqa: BLE001 - any unreadable shard is simply redone
         logger.warning("%s is unreadable (%s); tagging its images again", path, error)
         return False
-    if written != [str(p) for p in paths[shard.first : shard.stop]]:
+    if written != [parquet_text(str(p)) for p in paths[shard.first : shard.stop]]:
         logger.warning("%s holds other paths than its shard; tagging its images again", path)
         return False
     return True
@@ -160,7 +196,7 @@ def write_shard(
 
 def mark_complete(out: Path, signature: dict[str, Any], shards: list[Shard]) -> None:
     """Record in the manifest that every shard is written."""
-    _write_manifest(out, signature, shards, complete=True)
+    write_manifest(out, signature, shards, complete=True)
 
 
 def read_shards(out: str | os.PathLike[str]) -> Any:
@@ -216,17 +252,52 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return document
 
 
-def _write_manifest(
+def write_manifest(
     out: Path, signature: dict[str, Any], shards: list[Shard], complete: bool
 ) -> None:
+    """Record the plan (with any pieces a stop cut) and whether every shard is written."""
     document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "complete": complete,
         "signature": signature,
-        "shards": [{"file": s.file, "first": s.first, "rows": s.rows} for s in shards],
+        "shards": [{"file": s.file, "first": s.first, "rows": s.rows, "index": s.index,
+                    "piece": s.piece} for s in shards],
     }
     write_atomically(out / SHARDS_MANIFEST, json.dumps(document, indent=1) + "\n")
+
+
+def _planned_shards(manifest_path: Path, n_paths: int, batch_size: int) -> list[Shard]:
+    """The manifest's plan; ConfigError unless it covers the inputs in whole batches."""
+    records = _read_manifest(manifest_path)["shards"]
+    try:
+        shards = [Shard(int(r.get("index", r["file"][6:11])), int(r["first"]), int(r["rows"]),
+                        bool(r.get("piece", False))) for r in records]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        shards = []
+    covered = 0
+    for shard in shards:
+        if shard.first != covered or (shard.first % batch_size and shard.rows):
+            break
+        covered = shard.stop
+    if not shards or covered != n_paths or any(r.get("file") != s.file
+                                               for r, s in zip(records, shards, strict=True)):
+        raise ConfigError(f"{manifest_path} holds a shard plan that does not cover the "
+                          "inputs: it was edited by hand; pass another --out to start over")
+    return shards
+
+
+def _refuse_foreign_files(out: Path, shards: list[Shard]) -> None:
+    # Parquet readers take every visible file in the folder as part of the table.
+    known = {shard.file for shard in shards} | {SHARDS_MANIFEST}
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in known and not p.name.startswith((".", "_")))
+    if foreign:
+        raise ConfigError(
+            f"{out} holds files that are not shards of this run ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): Parquet readers would take them for "
+            "part of the table; move them out of the folder, then resume"
+        )
 
 
 def _remove_staging_files(out: Path) -> None:

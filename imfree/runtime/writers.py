@@ -27,6 +27,7 @@ from typing import IO, Any, Literal
 import numpy as np
 
 from imfree.errors import ConfigError
+from imfree.fileio import make_folder, unwritable, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,20 @@ OUTPUT_SUFFIXES: dict[str, OutputFormat] = {
 }
 
 _PATH_ERRORS = "surrogateescape"
+
+
+def parquet_text(text: str) -> str:
+    """`text` as a Parquet string holds it: a file name's bytes that are not UTF-8 as \\xNN.
+
+    CSV and JSON Lines write such a name back as its own bytes (surrogateescape);
+    Arrow strings must be UTF-8, so Parquet spells those bytes out instead, as
+    Python's backslashreplace does. A valid UTF-8 name is kept as it is.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors=_PATH_ERRORS).decode("utf-8", "backslashreplace")
+    return text
 
 # Rows per Parquet row group when the journal is converted.
 PARQUET_GROUP_ROWS = 65_536
@@ -74,11 +89,19 @@ def partial_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def run_key_path(path: str | os.PathLike[str]) -> Path:
+    """Where an unfinished run records what its rows depend on: beside its partial file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial.run.json")
+
+
 class RowWriter:
     """Writes rows to the partial file; `close` publishes it, `abort` keeps it aside.
 
     With `resume`, the rows of an earlier run (its partial file, else its
-    finished output) are kept, and `done` holds their paths.
+    finished output) are kept, and `done` holds their paths. `run_key` (the
+    export, engine and options the rows depend on) is kept beside the partial
+    file, and a resume of that partial file must bring the same.
     """
 
     def __init__(
@@ -87,24 +110,31 @@ class RowWriter:
         classes: list[str],
         all_scores: bool,
         resume: bool = False,
+        run_key: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
         self.partial = partial_path(self.path)
+        self.run_key = run_key
         self.classes = list(classes)
         self.all_scores = all_scores
         self.rows_written = 0
         self.done: set[str] = set()
         self._aborted = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
 
-        if resume and self._has_earlier_rows():
-            self._take_over_earlier_rows()
-            self._handle: IO[str] | None = _open_text(self.partial, "a")
-        else:
-            self._refuse_to_overwrite_partial(resume)
-            self._handle = _open_text(self.partial, "w")
-            self._handle.write(self._header())
-            self._handle.flush()
+        try:
+            if resume and self._has_earlier_rows():
+                self._check_run_key()
+                self._take_over_earlier_rows()
+                self._handle: IO[str] | None = _open_text(self.partial, "a")
+            else:
+                self._refuse_to_overwrite_partial(resume)
+                self._handle = _open_text(self.partial, "w")
+                self._handle.write(self._header())
+                self._handle.flush()
+            self._write_run_key()
+        except PermissionError as err:  # a read-only folder: before any image is tagged
+            raise unwritable(self.path, err) from None
 
     @property
     def rows_resumed(self) -> int:
@@ -129,6 +159,7 @@ class RowWriter:
         handle.close()
         self._handle = None
         self._publish()
+        run_key_path(self.path).unlink(missing_ok=True)
         logger.debug("wrote %d rows to %s", self.rows_written + self.rows_resumed, self.path)
 
     def abort(self) -> None:
@@ -201,6 +232,26 @@ class RowWriter:
             logger.info("%s: dropping %d bytes of a row cut short", self.partial, size - end)
             os.truncate(self.partial, end)
         logger.info("resuming: %d rows already in %s", len(self.done), self.partial)
+
+    def _check_run_key(self) -> None:
+        # Only an unfinished run's key is kept; a finished output is resumed as it is.
+        key_file = run_key_path(self.path)
+        if self.run_key is None or not self.partial.exists() or not key_file.is_file():
+            return
+        try:
+            earlier = json.loads(key_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # a key cut short by a kill: the header checks still hold
+        changed = sorted(k for k in self.run_key if earlier.get(k) != self.run_key[k])
+        if changed:
+            raise ConfigError(
+                f"{self.partial} holds the rows of a run with another {', '.join(changed)}: "
+                "resume with the same export, --engine and options, or choose another --out"
+            )
+
+    def _write_run_key(self) -> None:
+        if self.run_key is not None:
+            write_atomically(run_key_path(self.path), json.dumps(self.run_key) + "\n")
 
     def _check_header(self, text: str) -> None:
         header = self._header()
@@ -295,8 +346,26 @@ class JsonlRowWriter(RowWriter):
         return scores is None or list(scores) == self.classes
 
 
+class _ParquetPaths(set):
+    """The finished paths of a Parquet run, compared as its path column spells them.
+
+    A journal keeps a name's own bytes, a finished Parquet file its escaped form
+    (`parquet_text`): both meet here, so a resume skips exactly the finished files.
+    """
+
+    def add(self, path: str) -> None:
+        super().add(parquet_text(path))
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and super().__contains__(parquet_text(path))
+
+
 class ParquetRowWriter(JsonlRowWriter):
     """Parquet: one column per field, top_k as a list of (label, score), scores as columns."""
+
+    def _take_over_earlier_rows(self) -> None:
+        self.done = _ParquetPaths()
+        super()._take_over_earlier_rows()
 
     def _publish(self) -> None:
         write_parquet(self.path, self._journal(), self.classes, self.all_scores)
@@ -374,6 +443,9 @@ def _parquet_columns(
 ) -> dict[str, list]:
     names = ["path", "status", "labels", "top_k", "error"]
     columns = {name: [r[name] for r in records] for name in names}
+    # A file name that is not UTF-8 (in its path, or quoted by its error) is escaped.
+    columns["path"] = [parquet_text(path) for path in columns["path"]]
+    columns["error"] = [None if e is None else parquet_text(e) for e in columns["error"]]
     if all_scores:
         for name in classes:
             columns[f"score:{name}"] = [
@@ -387,10 +459,11 @@ def open_writer(
     classes: list[str],
     all_scores: bool,
     resume: bool = False,
+    run_key: dict[str, Any] | None = None,
 ) -> RowWriter:
     """A CSV, JSON Lines or Parquet writer, chosen by the suffix of `path`."""
     writer_class = _WRITERS[output_format(path)]
-    return writer_class(path, classes, all_scores, resume)
+    return writer_class(path, classes, all_scores, resume, run_key)
 
 
 def row_record(row: Row, classes: list[str], all_scores: bool) -> dict[str, object]:
@@ -482,8 +555,14 @@ _ScoreRecords = tuple[list[tuple[str, str, list[float] | None, str]], list[str]]
 
 
 def read_scores(path: str | os.PathLike[str]) -> ScoreTable:
-    """Read a finished output written with --all-scores, in any of the three formats."""
+    """Read a finished output written with --all-scores: a file of any of the three
+    formats, or the shard folder of a `--ray` run."""
     path = Path(path)
+    if path.is_dir():
+        from imfree.runtime.ray_shards import SHARDS_MANIFEST
+
+        if (path / SHARDS_MANIFEST).is_file():
+            return _table_scores(path, _shard_scores)
     if not path.is_file():
         unfinished = partial_path(path).exists()
         raise ConfigError(
@@ -493,11 +572,16 @@ def read_scores(path: str | os.PathLike[str]) -> ScoreTable:
         )
     kind = output_format(path)
     readers = {"csv": _csv_scores, "jsonl": _jsonl_scores, "parquet": _parquet_scores}
+    return _table_scores(path, readers[kind])
+
+
+def _table_scores(path: Path, reader: Any) -> ScoreTable:
     try:
-        records, classes = readers[kind](path)
-    except (OSError, ValueError, KeyError, TypeError, csv.Error) as err:
+        records, classes = reader(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, csv.Error) as err:
         raise ConfigError(f"cannot read the scores in {path} ({type(err).__name__}: {err}); "
                           f"pass an output of `imfree infer --all-scores`") from err
+    _check_score_values(path, records, len(classes))
     if not classes:
         raise ConfigError(f"{path} holds no per-class scores: write it with `imfree infer "
                           f"--all-scores`")
@@ -506,6 +590,18 @@ def read_scores(path: str | os.PathLike[str]) -> ScoreTable:
     failed = {p: error or "error" for p, status, _, error in records if status != "ok"}
     scores = np.array([s for _, s in ok], dtype=np.float32).reshape(len(ok), len(classes))
     return ScoreTable(classes, [p for p, _ in ok], scores, failed)
+
+
+def _check_score_values(path: Path, records: list, width: int) -> None:
+    """Every ok row holds one finite score per class; else the row is named."""
+    for number, (name, status, scores, _) in enumerate(records, start=1):
+        if status != "ok":
+            continue
+        values = np.asarray(scores if scores is not None else [], dtype=np.float64)
+        if values.shape != (width,) or not np.isfinite(values).all():
+            raise ConfigError(
+                f"{path}: row {number} ({name}) holds a missing, NaN or infinite score, or "
+                "too few scores; pass an unedited output of `imfree infer --all-scores`")
 
 
 def _csv_scores(path: Path) -> _ScoreRecords:
@@ -526,8 +622,10 @@ def _jsonl_scores(path: Path) -> _ScoreRecords:
     records: list[tuple[str, str, list[float] | None, str]] = []
     classes: list[str] = []
     with _open_text(path, "r") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"line {number} is not a JSON object")
             scores = record.get("scores")
             if scores and not classes:
                 classes = list(scores)
@@ -538,7 +636,16 @@ def _jsonl_scores(path: Path) -> _ScoreRecords:
 
 def _parquet_scores(path: Path) -> _ScoreRecords:
     _, parquet = _pyarrow()
-    table = parquet.read_table(path).to_pydict()
+    return _columns_scores(parquet.read_table(path).to_pydict())
+
+
+def _shard_scores(path: Path) -> _ScoreRecords:
+    from imfree.runtime.ray_shards import read_shards
+
+    return _columns_scores(read_shards(path).to_pydict())
+
+
+def _columns_scores(table: dict[str, list]) -> _ScoreRecords:
     names = [c for c in table if c.startswith("score:")]
     if not names:
         return [], []
