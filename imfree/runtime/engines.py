@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
@@ -58,6 +59,16 @@ class Engine(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class _OrtOptions:
+    """onnxruntime settings a caller may choose: threads (None: one per core), whether
+    idle ones spin, and the batch size short batches are padded to (None: no padding)."""
+
+    intra: int | None = None
+    spinning: bool = True
+    pad_to: int | None = None
+
+
 class OrtEngine:
     """The ONNX graph on onnxruntime, with the first provider it can actually use."""
 
@@ -67,6 +78,9 @@ class OrtEngine:
         providers: list[Provider],
         intra_threads: int | None = None,
         precision: str = "fp32",
+        *,
+        spinning: bool = True,
+        pad_to: int | None = None,
     ):
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -75,6 +89,10 @@ class OrtEngine:
         options.enable_cpu_mem_arena = False
         if intra_threads is not None:
             options.intra_op_num_threads = intra_threads
+        if not spinning:
+            # Idle engine threads normally spin for work; where decode workers share the
+            # cores, those spins are cycles taken from the decoders the engine waits for.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         self._session = onnxruntime.InferenceSession(
             str(onnx_path), sess_options=options, providers=providers
@@ -93,6 +111,8 @@ class OrtEngine:
                 wanted,
                 running[0],
             )
+        self._pad_to = pad_to
+        self._full_batch_seen = False
         self.name = "ort-cuda" if running[0] == _CUDA else "ort-cpu"
         self.precision = precision
         if precision != "fp32":
@@ -104,11 +124,25 @@ class OrtEngine:
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs by name for uint8 images [N, H, W, 3]; exactly N rows each."""
-        values = self._session.run(self._outputs, {self._input: images})
-        return dict(zip(self._outputs, values, strict=True))
+        rows = len(images)
+        values = self._session.run(self._outputs, {self._input: self._padded(images)})
+        return {name: value[:rows] for name, value in zip(self._outputs, values, strict=True)}
 
     def close(self) -> None:
         """Nothing to release beyond what garbage collection frees."""
+
+    def _padded(self, images: np.ndarray) -> np.ndarray:
+        # onnxruntime plans its memory once per input shape; a short batch (the last,
+        # or one thinned by failures or --resume) is padded with black images to the
+        # run's batch size, so one plan serves the whole run and memory stays flat.
+        # Only once a full batch has run: a run smaller than one batch pays nothing.
+        if len(images) == self._pad_to:
+            self._full_batch_seen = True
+        if not self._full_batch_seen or not 0 < len(images) < self._pad_to:
+            return images
+        padded = np.zeros((self._pad_to, *images.shape[1:]), images.dtype)  # [B, H, W, 3]
+        padded[: len(images)] = images
+        return padded
 
 
 def check_engine_choice(choice: str) -> None:
@@ -125,32 +159,39 @@ def open_engine(
     intra_threads: int | None = None,
     device: int = 0,
     gate: bool = True,
+    spinning: bool = True,
+    pad_to: int | None = None,
 ) -> Engine:
     """The engine `choice` for the export in `folder`; `auto` takes the fastest that runs.
 
     With `gate`, an engine on a GPU is checked against the export's saved
-    reference outputs before it is returned, and refused if it strays.
+    reference outputs before it is returned, and refused if it strays. Without
+    `spinning`, idle onnxruntime threads sleep at once instead of spinning: the
+    choice where other processes (decode workers) share the cores. With `pad_to`,
+    onnxruntime engines that have run a batch of that size pad shorter ones to it
+    (and return only the rows given), so a run keeps one memory plan.
     """
     folder = Path(folder)
     check_engine_choice(choice)
+    options = _OrtOptions(intra_threads, spinning, pad_to)
 
     if choice == "auto":
-        engine = _open_fastest(folder, manifest, intra_threads, device, gate)
+        engine = _open_fastest(folder, manifest, options, device, gate)
     else:
-        engine = _open_choice(folder, manifest, choice, intra_threads, device, gate)
+        engine = _open_choice(folder, manifest, choice, options, device, gate)
     logger.info("engine: %s", engine.name)
     return engine
 
 
 def _open_choice(
-    folder: Path, manifest: ExportManifest, choice: str, intra_threads: int | None,
+    folder: Path, manifest: ExportManifest, choice: str, options: _OrtOptions,
     device: int, gate: bool,
 ) -> Engine:
     if choice == "tensorrt":
         engine = _open_tensorrt(folder, manifest, device)
     elif choice in ("ort-cuda", "ort-cuda-fp16"):
         precision = ENGINE_PRECISION[choice]
-        engine = _open_ort_cuda(folder, manifest, intra_threads, device, precision)
+        engine = _open_ort_cuda(folder, manifest, options, device, precision)
         if not engine.name.startswith("ort-cuda"):
             raise EngineUnavailable(
                 "onnxruntime could not start on CUDA (see the warning "
@@ -159,7 +200,7 @@ def _open_choice(
     elif choice in ("torch", "torch-compile"):
         engine = _open_torch(folder, manifest, choice == "torch-compile", device)
     else:
-        engine = _open_ort(folder, manifest, [_CPU], intra_threads, ENGINE_PRECISION[choice])
+        engine = _open_ort(folder, manifest, [_CPU], options, ENGINE_PRECISION[choice])
 
     # What the export already gated (onnxruntime and PyTorch on the CPU) is not gated again.
     on_cpu = engine.name.startswith("ort-cpu") or getattr(engine, "device", "") == "cpu"
@@ -208,7 +249,7 @@ def _provider_name(provider: Provider) -> str:
 
 
 def _open_fastest(
-    folder: Path, manifest: ExportManifest, intra_threads: int | None, device: int, gate: bool
+    folder: Path, manifest: ExportManifest, options: _OrtOptions, device: int, gate: bool
 ) -> Engine:
     # Importing TensorRT takes seconds: only try it when the export holds an engine.
     candidates = []
@@ -222,12 +263,12 @@ def _open_fastest(
 
     for choice in candidates:
         try:
-            return _open_choice(folder, manifest, choice, intra_threads, device, gate)
+            return _open_choice(folder, manifest, choice, options, device, gate)
         except EngineUnavailable as error:
             # The export was built for TensorRT, so falling back is worth a warning.
             log = logger.warning if choice == "tensorrt" else logger.debug
             log("%s skipped: %s", choice, error)
-    return _open_ort(folder, manifest, [_CPU], intra_threads)
+    return _open_ort(folder, manifest, [_CPU], options)
 
 
 def _open_tensorrt(folder: Path, manifest: ExportManifest, device: int) -> Engine:
@@ -251,7 +292,7 @@ def _open_tensorrt(folder: Path, manifest: ExportManifest, device: int) -> Engin
 
 
 def _open_ort_cuda(
-    folder: Path, manifest: ExportManifest, intra_threads: int | None, device: int,
+    folder: Path, manifest: ExportManifest, options: _OrtOptions, device: int,
     precision: str = "fp32",
 ) -> OrtEngine:
     available = onnxruntime.get_available_providers()
@@ -262,11 +303,11 @@ def _open_ort_cuda(
             "NVIDIA GPU, or run with --engine ort-cpu"
         )
     providers = [(_CUDA, {"device_id": device}), _CPU]
-    return _open_ort(folder, manifest, providers, intra_threads, precision)
+    return _open_ort(folder, manifest, providers, options, precision)
 
 
 def _open_ort(
-    folder: Path, manifest: ExportManifest, providers: list[Provider], intra_threads: int | None,
+    folder: Path, manifest: ExportManifest, providers: list[Provider], options: _OrtOptions,
     precision: str = "fp32",
 ) -> OrtEngine:
     file, expected = manifest.onnx_file, manifest.onnx_sha256
@@ -288,7 +329,8 @@ def _open_ort(
         raise BundleError(f"{path} is not the graph this export was made with (its hash "
                           f"differs from the manifest's); {REEXPORT_HINT}")
 
-    engine = OrtEngine(path, providers, intra_threads, precision)
+    engine = OrtEngine(path, providers, options.intra, precision, spinning=options.spinning,
+                       pad_to=options.pad_to)
     if engine.input_name != manifest.input_name:
         raise BundleError(
             f"{path} takes input {engine.input_name!r} but the manifest says "

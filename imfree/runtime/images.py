@@ -148,6 +148,10 @@ def _load_first_frame(image: Image.Image) -> Image.Image:
 def _upright(image: Image.Image, path: Path) -> Image.Image:
     # A damaged EXIF block should not cost the user an otherwise good photo.
     try:
+        # getexif() also reads an XMP orientation, as exif_transpose does. Upright
+        # images skip exif_transpose, which would copy every pixel to change nothing.
+        if image.getexif().get(_ORIENTATION, 1) == 1:
+            return image
         return ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - any EXIF parser failure is survivable
         logger.debug("%s: EXIF orientation ignored (%s)", path, _one_line(error))

@@ -54,7 +54,7 @@ class InferConfig:
     thresholds_file: Path | None = None  # per-class thresholds; others take `threshold`
     top_k: int = 5
     all_scores: bool = False
-    decode_workers: int | None = None  # None: all cores but one
+    decode_workers: int | None = None  # None: one per core (niced below the engine)
     engine_threads: int | None = None  # None: all cores (CPU engines only)
     progress: bool = True
     resume: bool = False  # skip paths already in the output or its partial file
@@ -117,7 +117,11 @@ def run_inference(config: InferConfig) -> InferSummary:
         logger.warning("no image files in %s", _describe_inputs(config))
 
     engine_threads = config.engine_threads or available_cores()
-    engine = open_engine(config.export_dir, manifest, config.engine, intra_threads=engine_threads)
+    # The decode workers share the cores: idle engine threads sleep rather than spin.
+    # Short batches are padded to the batch size, so onnxruntime plans memory once.
+    engine = open_engine(config.export_dir, manifest, config.engine,
+                         intra_threads=engine_threads, spinning=False,
+                         pad_to=config.batch_size)
     try:
         summary = _tag(paths, manifest, engine, thresholds, config)
     finally:

@@ -97,8 +97,14 @@ def available_cores() -> int:
 
 
 def default_decode_workers() -> int:
-    """All cores but one, which is left to the engine and the writer."""
-    return max(1, available_cores() - 1)
+    """One per core.
+
+    The workers run niced, so while the engine computes they take only what it
+    leaves; whenever it waits for a batch, every core decodes. With one core
+    left out, that core idled through each wait: RN50 INT8 on 2 cores tagged
+    about 29% more images per second with 2 workers than with 1 (measured here).
+    """
+    return max(1, available_cores())
 
 
 def iter_batches(

@@ -1,0 +1,97 @@
+"""onnxruntime engine options for tagging runs: padded short batches, no spinning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imfree.runtime import engines
+from imfree.runtime.bundle import read_manifest
+
+HEIGHT, WIDTH = 32, 48  # the tiny export of conftest.py
+
+
+def _images(count: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, HEIGHT, WIDTH, 3), dtype=np.uint8)
+
+
+class _ShapeLog:
+    """Stands in front of an onnxruntime session and records each input's shape."""
+
+    def __init__(self, session):
+        self._session = session
+        self.shapes: list[tuple[int, ...]] = []
+
+    def run(self, outputs, feeds):
+        self.shapes += [value.shape for value in feeds.values()]
+        return self._session.run(outputs, feeds)
+
+
+def test_a_short_batch_is_padded_but_returns_exactly_its_rows(export_dir):
+    manifest = read_manifest(export_dir)
+    plain = engines.open_engine(export_dir, manifest, "ort-cpu")
+    padded = engines.open_engine(export_dir, manifest, "ort-cpu", pad_to=8)
+    padded._session = log = _ShapeLog(padded._session)
+    images = _images(3)
+
+    padded.run(_images(8, seed=3))  # a full batch first: its plan is the one to reuse
+    outputs = padded.run(images)
+
+    assert log.shapes == [(8, HEIGHT, WIDTH, 3)] * 2  # onnxruntime saw full batches only
+    expected = plain.run(images)
+    assert outputs.keys() == expected.keys()
+    for name in expected:
+        assert outputs[name].shape[0] == 3
+        np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-6)
+
+
+def test_a_run_smaller_than_one_batch_is_not_padded(export_dir):
+    # Seven images tagged with --batch 256 must not cost 256 images of work.
+    engine = engines.open_engine(export_dir, read_manifest(export_dir), "ort-cpu", pad_to=8)
+    engine._session = log = _ShapeLog(engine._session)
+
+    outputs = engine.run(_images(3))
+
+    assert log.shapes == [(3, HEIGHT, WIDTH, 3)]
+    assert outputs["scores"].shape == (3, 4)
+
+
+@pytest.mark.parametrize("count", [8, 11])
+def test_full_and_larger_batches_run_as_they_are(export_dir, count):
+    engine = engines.open_engine(export_dir, read_manifest(export_dir), "ort-cpu", pad_to=8)
+    engine._session = log = _ShapeLog(engine._session)
+
+    outputs = engine.run(_images(count))
+
+    assert log.shapes == [(count, HEIGHT, WIDTH, 3)]
+    assert outputs["scores"].shape == (count, 4)
+
+
+def test_padding_does_not_change_a_row_whatever_its_neighbours(export_dir):
+    # The padding rows are black images; a real row's scores must not depend on them.
+    engine = engines.open_engine(export_dir, read_manifest(export_dir), "auto", pad_to=16)
+    images = _images(5, seed=1)
+    engine.run(_images(16, seed=2))
+
+    alone = np.concatenate([engine.run(images[i : i + 1])["scores"] for i in range(5)])
+
+    np.testing.assert_allclose(engine.run(images)["scores"], alone, rtol=1e-6)
+
+
+def _spinning_entry(engine) -> str | None:
+    options = engine._session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: onnxruntime's default, spinning
+        return None
+
+
+def test_spinning_is_switched_off_on_request(export_dir):
+    manifest = read_manifest(export_dir)
+
+    quiet = engines.open_engine(export_dir, manifest, "ort-cpu", spinning=False)
+    default = engines.open_engine(export_dir, manifest, "ort-cpu")
+
+    assert _spinning_entry(quiet) == "0"
+    assert _spinning_entry(default) is None
