@@ -244,7 +244,7 @@ def infer(
     follow_symlinks: Annotated[bool, typer.Option(
         "--follow-symlinks", help="Walk into symlinked folders (loops are detected).")] = False,
     workers: Annotated[int | None, typer.Option(min=1, help="Decode processes (default: "
-                                                "cores - 1).")] = None,
+                                                "one per core, niced below the engine).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Engine threads on the CPU "
                                                 "(default: all cores).")] = None,
     max_pixels: Annotated[int, typer.Option(min=1, help="Larger images become error rows "
