@@ -15,8 +15,12 @@ PRETRAINED ?= none
 LABELS ?= voc2007
 IMAGES ?= examples/images
 RUNS ?= runs/demo
+# The lab: a rendered world, a CLIP trained on it here, and the ablation table.
+# make demo-lab LAB_MODEL=vit for the ViT variant.
+LAB_MODEL ?= rn
+LAB_OUT ?= runs/lab
 
-.PHONY: install demo test test-fast bench lint corpus clean
+.PHONY: install demo demo-lab test test-fast bench lint corpus clean
 
 install: $(STAMP)
 
@@ -25,6 +29,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[train,dev]"
 	touch $(STAMP)
+
+demo-lab: install
+	$(BIN)/python -m imfree.lab --model $(LAB_MODEL) --out $(LAB_OUT)/$(LAB_MODEL) \
+		--cache $(LAB_OUT)/cache
 
 demo: install
 	$(BIN)/imfree train --labels $(LABELS) --model $(MODEL) --pretrained $(PRETRAINED) \

@@ -36,6 +36,7 @@ Engine = Literal["auto", "tensorrt", "ort-cuda", "ort-cpu", "ort-cuda-fp16", "or
 TrtPrecision = Literal["fp16", "fp32", "int8"]
 HandPrompt = Literal["single", "ensemble"]
 TritonKind = Literal["auto", "gpu", "cpu"]
+Classifier = Literal["prompts", "mean-sentences"]
 
 
 @app.callback()
@@ -71,6 +72,9 @@ def train(
                                                 "set's own.", exists=True, dir_okay=False)] = None,
     zero_shot: Annotated[bool | None, typer.Option(
         "--zero-shot", help="Write the untrained hand-prompt baseline instead.")] = None,
+    classifier: Annotated[Classifier | None, typer.Option(
+        help="prompts (the method) or mean-sentences (each class is the mean feature of "
+             "its corpus sentences: a baseline, nothing learned).")] = None,
     epochs: Annotated[int | None, typer.Option(min=0)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     lr: Annotated[float | None, typer.Option(min=0.0)] = None,
@@ -92,7 +96,8 @@ def train(
     overrides = {
         "labels": labels, "model": model, "pretrained": pretrained,
         "out": str(out) if out else None, "corpus": str(corpus) if corpus else None,
-        "zero_shot": zero_shot, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "zero_shot": zero_shot, "classifier": classifier, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr,
         "root_tokens": root_tokens, "fine_tokens": fine_tokens, "coarse_tokens": coarse_tokens,
         "class_tokens": class_tokens, "local_tokens": local_tokens, "hand_prompt": hand_prompt,
         "noise_std": noise_std, "seed": seed, "device": device,

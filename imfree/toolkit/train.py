@@ -54,6 +54,8 @@ class TrainConfig:
     pretrained: str = "openai"
     out: str = "runs/classifier"
     zero_shot: bool = False
+    # "mean-sentences": no prompt learning; each class is the mean feature of its sentences.
+    classifier: Literal["prompts", "mean-sentences"] = "prompts"
 
     # Learned tokens per level of the tree (method.md, section 2).
     root_tokens: int = 16
@@ -107,6 +109,9 @@ class TrainConfig:
             raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         if not 0.0 <= self.mix_global <= 1.0:
             raise ConfigError(f"mix_global must lie in [0, 1], not {self.mix_global}")
+        if self.classifier not in ("prompts", "mean-sentences"):
+            raise ConfigError(f"classifier must be 'prompts' or 'mean-sentences', not "
+                              f"{self.classifier!r}")
         if self.hand_prompt not in ("single", "ensemble"):
             raise ConfigError(
                 f"hand_prompt must be 'single' or 'ensemble', not {self.hand_prompt!r}"
@@ -156,6 +161,14 @@ def train(config: TrainConfig) -> Path:
     logger.info("encoded %d sentences of %s in %.1fs", len(samples), corpus_path,
                 time.perf_counter() - started)
 
+    if config.classifier == "mean-sentences":
+        means = _mean_sentences(text, normalize(hand))
+        artifact = _artifact(config, backbone, labelset, means, means, {},
+                             kind="mean-sentences")
+        artifact.training |= {"corpus": str(corpus_path), "sentences": len(samples),
+                              "seconds": round(time.perf_counter() - started, 1)}
+        return artifact.save(Path(config.out))
+
     learner = _build_learner(config, backbone, labelset, hand).to(device)
     history = _optimise(config, learner, text, hand)
 
@@ -191,6 +204,19 @@ def _fitting(samples: list[Sample], backbone: Backbone, classes: list[str]) -> l
         logger.warning("no training sentence names %s; these classes keep their hand-written "
                        "prompt's direction only", ", ".join(unseen))
     return samples
+
+
+def _mean_sentences(text: EncodedCorpus, anchor: torch.Tensor) -> torch.Tensor:
+    """Each class's normalised mean sentence feature [C, E]; unseen classes keep the anchor.
+
+    The baseline the prompt learners must beat: no learning, just where the
+    class's sentences sit in CLIP's space.
+    """
+    targets = text.targets.to(text.global_.dtype)  # [N, C]
+    sums = targets.T @ text.global_  # [C, E]
+    counts = targets.sum(dim=0)
+    means = torch.where(counts[:, None] > 0, sums, anchor.to(sums.device))
+    return normalize(means)
 
 
 @dataclass
