@@ -344,7 +344,8 @@ def bench(
 def evaluate(
     sources: Annotated[list[Path], typer.Argument(
         metavar="SOURCE", help="Artifact folders from `imfree train`, or outputs of "
-        "`imfree infer --all-scores` (.csv, .jsonl, .parquet); one table row each.")],
+        "`imfree infer --all-scores` (.csv, .jsonl, .parquet, or a --ray folder); one "
+        "table row each.")],
     dataset: Annotated[str, typer.Option(help="voc2007:DIR[,SPLIT], coco2014:INSTANCES_JSON"
                                          "[,IMAGES_DIR], nuswide:DIR or csv:FILE.")],
     label_column: Annotated[str, typer.Option(help="csv: the column of ';'-separated "
