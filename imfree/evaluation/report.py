@@ -36,7 +36,7 @@ from imfree.evaluation.scoring import (
     source_classes,
     source_names,
 )
-from imfree.fileio import write_atomically
+from imfree.fileio import make_folder, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -172,11 +172,7 @@ def _check_config(config: EvalConfig) -> None:
 
 def _check_writable(path: Path) -> None:
     # Before any image is scored: a report that cannot be written must not cost the run.
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create the folder of {path}: {err.strerror}; pass another "
-                          f"--out or --json") from err
+    make_folder(path.parent, "the folder of the report")
     if path.is_dir() or not os.access(path.parent, os.W_OK):
         raise ConfigError(f"cannot write {path}: it is a folder or its folder is not "
                           f"writable; pass another --out or --json")
