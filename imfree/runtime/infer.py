@@ -32,6 +32,7 @@ from imfree.runtime.pipeline import (
     available_cores,
     decode_batches,
     default_decode_workers,
+    start_decoder_server,
 )
 from imfree.runtime.signals import StopRequest, stop_on_signals
 from imfree.runtime.sources import InputSpec, collect_inputs
@@ -116,6 +117,7 @@ def run_inference(config: InferConfig) -> InferSummary:
     if not paths:
         logger.warning("no image files in %s", _describe_inputs(config))
 
+    start_decoder_server()  # in the background, while the engine loads
     engine_threads = config.engine_threads or available_cores()
     # The decode workers share the cores: idle engine threads sleep rather than spin.
     # Short batches are padded to the batch size, so onnxruntime plans memory once.
@@ -205,8 +207,8 @@ def _tag(
         bar = tqdm(total=todo, unit="img", file=sys.stderr, disable=not config.progress,
                    dynamic_ncols=True)
         chunks = _chunks_to_do(paths, writer, config.batch_size)
-        batches = decode_batches(chunks, decode, workers, config.prefetch, times,
-                                 config.decode_timeout)
+        batches = decode_batches(chunks, decode, config.batch_size, workers, config.prefetch,
+                                 times, config.decode_timeout)
         # closing(): on an error or a stop, end the decode workers now rather than
         # whenever the traceback that holds the generator is freed.
         with bar, closing(batches):

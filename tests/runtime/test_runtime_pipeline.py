@@ -135,6 +135,63 @@ def crash_or_decode(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
     return pipeline.decode_file(path, decode)
 
 
+def numbered(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
+    """A decoder whose every pixel is the file's number, so each image shows its source."""
+    return np.full((decode.height, decode.width, 3), int(path.stem) % 256, np.uint8), None, 0.0
+
+
+def wrong_shape(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
+    """A decoder that hands back an image of the wrong size for files named odd*."""
+    height = decode.height + 1 if path.name.startswith("odd") else decode.height
+    return np.zeros((height, decode.width, 3), np.uint8), None, 0.0
+
+
+def scheduling_policy(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
+    """A decoder whose pixels are the worker's scheduling policy (SCHED_IDLE is 5)."""
+    return np.full((decode.height, decode.width, 3), os.sched_getscheduler(0), np.uint8), None, 0.0
+
+
+def test_each_batch_holds_its_own_images_while_slots_are_reused(tmp_path):
+    # Twelve batches through two shared slots, some with failures between images:
+    # every image must still be its own file's, in its batch's order.
+    paths = [tmp_path / f"{i}.jpg" for i in range(36)]
+    batches = list(iter_batches(paths, DecodeSettings(2, 3), batch_size=3, decode_workers=2,
+                                prefetch=2, decoder=numbered))
+
+    assert len(batches) == 12
+    for batch in batches:
+        expected = [int(p.stem) for p in batch.good_paths]
+        assert batch.images[:, 0, 0, 0].tolist() == expected
+        assert (batch.images == batch.images[:, :1, :1, :1]).all()
+    assert batches[0].images[0, 0, 0, 0] == 0  # a batch handed out is not overwritten later
+
+
+def test_a_decoder_returning_the_wrong_shape_costs_only_that_row(tmp_path):
+    paths = [tmp_path / "a.jpg", tmp_path / "odd.jpg", tmp_path / "b.jpg"]
+
+    (batch,) = iter_batches(paths, DecodeSettings(4, 5), batch_size=3, decode_workers=1,
+                            decoder=wrong_shape)
+
+    assert batch.good_paths == [paths[0], paths[2]]
+    assert batch.failures == [(paths[1], "decoder returned uint8 (5, 5, 3), not uint8 (4, 5, 3)")]
+
+
+def test_a_chunk_longer_than_promised_is_refused(tmp_path):
+    chunks = [[tmp_path / "1.jpg"], [tmp_path / f"{i}.jpg" for i in range(3)]]
+    batches = pipeline.decode_batches(chunks, DecodeSettings(2, 2), 2, decoder=numbered)
+
+    with pytest.raises(ValueError, match=r"a chunk of 3 paths is longer than max_chunk \(2\)"):
+        list(batches)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE exists on Linux only")
+def test_workers_decode_at_idle_priority(tmp_path):
+    (batch,) = iter_batches([tmp_path / "1.jpg"], DecodeSettings(1, 1), batch_size=1,
+                            decoder=scheduling_policy)
+
+    assert batch.images[0, 0, 0, 0] == os.SCHED_IDLE
+
+
 def test_decoding_runs_at_most_prefetch_batches_ahead(tmp_path):
     paths = [tmp_path / f"{i:02d}.jpg" for i in range(20)]
     batches = iter_batches(paths, DecodeSettings(4, 4), batch_size=2, decode_workers=2,
