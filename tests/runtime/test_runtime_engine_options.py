@@ -57,6 +57,19 @@ def test_a_run_smaller_than_one_batch_is_not_padded(export_dir):
     assert outputs["scores"].shape == (3, 4)
 
 
+def test_a_batch_of_a_quarter_or_less_is_not_padded(export_dir):
+    # Its memory fits in what the full batches took; padding would waste engine time.
+    engine = engines.open_engine(export_dir, read_manifest(export_dir), "ort-cpu", pad_to=8)
+    engine._session = log = _ShapeLog(engine._session)
+
+    engine.run(_images(8))
+    outputs = engine.run(_images(2))
+    engine.run(_images(3))
+
+    assert log.shapes == [(8, HEIGHT, WIDTH, 3), (2, HEIGHT, WIDTH, 3), (8, HEIGHT, WIDTH, 3)]
+    assert outputs["scores"].shape == (2, 4)
+
+
 @pytest.mark.parametrize("count", [8, 11])
 def test_full_and_larger_batches_run_as_they_are(export_dir, count):
     engine = engines.open_engine(export_dir, read_manifest(export_dir), "ort-cpu", pad_to=8)
@@ -72,11 +85,15 @@ def test_padding_does_not_change_a_row_whatever_its_neighbours(export_dir):
     # The padding rows are black images; a real row's scores must not depend on them.
     engine = engines.open_engine(export_dir, read_manifest(export_dir), "auto", pad_to=16)
     images = _images(5, seed=1)
+    others = _images(4, seed=4)
     engine.run(_images(16, seed=2))
 
-    alone = np.concatenate([engine.run(images[i : i + 1])["scores"] for i in range(5)])
+    # Each image beside four others: five rows, padded to 16 as the five together are.
+    beside_others = [engine.run(np.concatenate([images[i : i + 1], others]))["scores"][:1]
+                     for i in range(5)]
 
-    np.testing.assert_allclose(engine.run(images)["scores"], alone, rtol=1e-6)
+    np.testing.assert_allclose(engine.run(images)["scores"], np.concatenate(beside_others),
+                               rtol=1e-6)
 
 
 def _spinning_entry(engine) -> str | None:
