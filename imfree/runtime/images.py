@@ -51,11 +51,15 @@ _ORIENTATION = 0x0112  # the EXIF tag
 Colour = tuple[int, int, int]
 WHITE: Colour = (255, 255, 255)
 
-# Reduced-scale JPEG decoding keeps at least this many times the model's input size,
-# so the final resize still filters over several decoded pixels: libjpeg's scaled
-# IDCT aliases more than Pillow's resampling does. For camera-size photos the
-# entropy decoding, which no scale saves, dominates, so the margin costs little.
-DRAFT_MARGIN = 2
+# Reduced-scale JPEG decoding keeps at least this many times the model's input
+# size, so the final resize still filters over more than one decoded pixel:
+# libjpeg's scaled decoding is a box average, blurrier than the bicubic filter
+# it stands in for. On 200 photos of 0.3 to 12 MP at 224 x 224, the pixels moved
+# 1.9 grey levels on average (12 on the worst image) at a margin of 1, 1.2 (6.8)
+# at 1.25 and 0.5 (5.3) at 2, for 6.0, 6.8 and 9.4 ms of decoding a photo: 1.25
+# gives most of the speed for a change smaller than bicubic against bilinear
+# resizing (1.5). The entropy decoding, which no scale saves, is the rest.
+DRAFT_MARGIN = 1.25
 
 
 class DecodeError(Exception):
@@ -132,7 +136,7 @@ def _reduce_while_decoding(image: Image.Image, height: int, width: int) -> None:
     # Orientations 5 to 8 turn the picture a quarter: the stored width becomes its height.
     if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
         height, width = width, height
-    image.draft(image.mode, (width * DRAFT_MARGIN, height * DRAFT_MARGIN))
+    image.draft(image.mode, (round(width * DRAFT_MARGIN), round(height * DRAFT_MARGIN)))
 
 
 def _load_first_frame(image: Image.Image) -> Image.Image:
