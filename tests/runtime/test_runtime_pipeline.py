@@ -136,8 +136,12 @@ def crash_or_decode(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
 
 
 def numbered(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
-    """A decoder whose every pixel is the file's number, so each image shows its source."""
-    return np.full((decode.height, decode.width, 3), int(path.stem) % 256, np.uint8), None, 0.0
+    """A decoder whose every pixel is the file's number, so each image shows its source;
+    files numbered 4, 9, 14, ... fail."""
+    number = int(path.stem)
+    if number % 5 == 4:
+        return None, "refused", 0.0
+    return np.full((decode.height, decode.width, 3), number % 256, np.uint8), None, 0.0
 
 
 def wrong_shape(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
@@ -159,6 +163,7 @@ def test_each_batch_holds_its_own_images_while_slots_are_reused(tmp_path):
                                 prefetch=2, decoder=numbered))
 
     assert len(batches) == 12
+    assert sum(len(batch.failures) for batch in batches) == 7
     for batch in batches:
         expected = [int(p.stem) for p in batch.good_paths]
         assert batch.images[:, 0, 0, 0].tolist() == expected
