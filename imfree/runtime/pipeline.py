@@ -24,6 +24,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,8 +51,11 @@ logger = logging.getLogger(__name__)
 # A decode that takes longer than this is a hung worker: it is killed and replaced.
 DEFAULT_DECODE_TIMEOUT = 60.0
 
-# Where the idle scheduling class is missing or refused, decode workers run at
-# this lower priority instead (see _lower_priority).
+# Decode workers run at this lower priority, so that where they share cores with
+# the engine's threads the engine, the stage everything waits for, gets them first.
+# Not SCHED_IDLE, though it was 1.5% faster on an idle machine: beside any other
+# busy process an idle-class worker gets no CPU at all, and good files ran into
+# the decode timeout.
 WORKER_NICENESS = 10
 
 
@@ -112,8 +116,8 @@ def available_cores() -> int:
 def default_decode_workers() -> int:
     """One per core.
 
-    The workers run at idle priority, so while the engine computes they take only
-    what it leaves; whenever it waits for a batch, every core decodes. With one core
+    The workers run niced, so while the engine computes they take only what it
+    leaves; whenever it waits for a batch, every core decodes. With one core
     left out, that core idled through each wait: RN50 INT8 on 2 cores tagged
     about 29% more images per second with 2 workers than with 1 (measured here).
     """
@@ -128,7 +132,17 @@ def start_decoder_server() -> None:
     the engine's instead of delaying the first batch.
     """
     multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
-    multiprocessing.forkserver.ensure_running()
+
+    # The server ignores Ctrl-C only once its imports are done; a Ctrl-C during them
+    # killed it, and the run ended in a traceback. An ignored signal stays ignored
+    # across fork and exec, so it is ignored here while the server is spawned.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 def iter_batches(
@@ -257,27 +271,13 @@ def _worker_start(shared: ctypes.Array, shape: tuple[int, ...]) -> None:
     # Ctrl-C reaches the whole process group: the parent decides how to stop,
     # and the workers must not die mid-file with a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _lower_priority()
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # not permitted here; priority is an optimisation only
+        pass
     # decode_image applies the run's own pixel limit (--max-pixels) from the header,
     # with a clear reason; Pillow's separate limit would refuse some images first.
     Image.MAX_IMAGE_PIXELS = None
-
-
-def _lower_priority() -> None:
-    # Where workers share cores with the engine's threads, the engine, the stage
-    # everything waits for, must get them first. SCHED_IDLE gives a worker only
-    # cycles nothing else wants, and the kernel preempts it at once when an engine
-    # thread wakes; at nice 10 a worker kept part of each core, and end to end ran
-    # about 1.5% slower (RN50 INT8, 2 cores, measured side by side).
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return
-    except (AttributeError, OSError):  # not Linux, or refused
-        pass
-    try:
-        os.nice(WORKER_NICENESS)
-    except OSError:  # not permitted either; priority is an optimisation only
-        pass
 
 
 def _decode_into_slot(decoder: Decoder, path: Path, decode: DecodeSettings, slot: int,

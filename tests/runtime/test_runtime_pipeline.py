@@ -2,6 +2,8 @@ import io
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,9 +152,9 @@ def wrong_shape(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
     return np.zeros((height, decode.width, 3), np.uint8), None, 0.0
 
 
-def scheduling_policy(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
-    """A decoder whose pixels are the worker's scheduling policy (SCHED_IDLE is 5)."""
-    return np.full((decode.height, decode.width, 3), os.sched_getscheduler(0), np.uint8), None, 0.0
+def niceness(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
+    """A decoder whose pixels are the worker's niceness."""
+    return np.full((decode.height, decode.width, 3), os.nice(0), np.uint8), None, 0.0
 
 
 def test_each_batch_holds_its_own_images_while_slots_are_reused(tmp_path):
@@ -189,12 +191,42 @@ def test_a_chunk_longer_than_promised_is_refused(tmp_path):
         list(batches)
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE exists on Linux only")
-def test_workers_decode_at_idle_priority(tmp_path):
+def test_workers_decode_at_a_lower_priority(tmp_path):
     (batch,) = iter_batches([tmp_path / "1.jpg"], DecodeSettings(1, 1), batch_size=1,
-                            decoder=scheduling_policy)
+                            decoder=niceness)
 
-    assert batch.images[0, 0, 0, 0] == os.SCHED_IDLE
+    assert batch.images[0, 0, 0, 0] == min(19, os.nice(0) + pipeline.WORKER_NICENESS)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_ctrl_c_while_the_decoder_server_starts_does_not_kill_it(photos):
+    # The server imports the decoder before it serves. Ctrl-C must be ignored from
+    # the moment it is spawned, not only once those imports are done (read from
+    # /proc straight after the start, long before they are), and a run must still
+    # decode after Ctrl-C reached it.
+    script = f"""
+import os, signal
+from multiprocessing import forkserver
+from pathlib import Path
+from imfree.runtime import pipeline
+
+if __name__ == "__main__":
+    pipeline.start_decoder_server()
+    server = forkserver._forkserver._forkserver_pid
+    status = Path(f"/proc/{{server}}/status").read_text()
+    ignored = int(status.split("SigIgn:")[1].split()[0], 16)
+    print("ignores SIGINT", bool(ignored >> (signal.SIGINT - 1) & 1))
+    os.kill(server, signal.SIGINT)
+    (batch,) = pipeline.iter_batches([Path({str(photos[0])!r})],
+                                     pipeline.DecodeSettings(8, 8), batch_size=1)
+    print("decoded", len(batch.good_paths))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["ignores SIGINT True", "decoded 1"]
+    assert "Traceback" not in done.stderr
 
 
 def test_decoding_runs_at_most_prefetch_batches_ahead(tmp_path):
