@@ -207,8 +207,10 @@ def _tag(
         bar = tqdm(total=todo, unit="img", file=sys.stderr, disable=not config.progress,
                    dynamic_ncols=True)
         chunks = _chunks_to_do(paths, writer, config.batch_size)
-        batches = decode_batches(chunks, decode, config.batch_size, workers, config.prefetch,
-                                 times, config.decode_timeout)
+        # The decode slots take a batch each: no bigger than the work, whatever --batch.
+        longest = max(1, min(config.batch_size, todo))
+        batches = decode_batches(chunks, decode, longest, workers, config.prefetch, times,
+                                 config.decode_timeout)
         # closing(): on an error or a stop, end the decode workers now rather than
         # whenever the traceback that holds the generator is freed.
         with bar, closing(batches):
@@ -269,7 +271,13 @@ def _chunks_to_do(paths: list[Path], writer: RowWriter, batch_size: int) -> Iter
 
 
 def _until_stopped(batches: Iterator[Batch], stop: StopRequest) -> Iterator[Batch]:
+    # The batch being scored when a stop comes is finished; one that was still
+    # decoding is dropped and left to --resume, since a SIGTERM sent to the whole
+    # process group (as systemd stops a service) also killed its decode workers,
+    # and its files would otherwise stay error rows for good.
     for batch in batches:
+        if stop.requested:
+            return
         yield batch
         if stop.requested:
             return

@@ -105,6 +105,45 @@ def test_progress_bar_goes_to_stderr(inputs, export_dir, tmp_path, capsys):
     assert "img/s" in captured.err or "s/img" in captured.err
 
 
+def test_decode_memory_follows_the_work_not_the_batch_option(inputs, export_dir, tmp_path,
+                                                             monkeypatch):
+    # --batch 40000 on a small folder must not reserve 40000 images of shared memory.
+    from imfree.runtime import infer
+
+    longest = []
+
+    def recording(chunks, decode, max_chunk, *args, **kwargs):
+        longest.append(max_chunk)
+        return real_decode_batches(chunks, decode, max_chunk, *args, **kwargs)
+
+    real_decode_batches = infer.decode_batches
+    monkeypatch.setattr(infer, "decode_batches", recording)
+
+    summary = run_inference(InferConfig(inputs, export_dir, tmp_path / "t.csv",
+                                        batch_size=40000, progress=False))
+
+    files = summary.images_ok + summary.images_failed
+    assert longest == [files] and files == len(list(inputs.rglob("*.*"))) - 1  # not readme
+
+
+def test_a_batch_decoded_after_a_stop_is_left_for_resume():
+    # The batch being scored is finished; one that decoded while the stop came in
+    # (its workers may have been killed by the same SIGTERM) is not written.
+    import signal
+
+    from imfree.runtime.infer import _until_stopped
+    from imfree.runtime.signals import StopRequest
+
+    stop = StopRequest()
+
+    def batches():
+        yield "scored when the stop came"
+        stop.signal = signal.SIGTERM
+        yield "decoded while it came"
+
+    assert list(_until_stopped(batches(), stop)) == ["scored when the stop came"]
+
+
 def test_a_failing_engine_keeps_the_partial_output(inputs, export_dir, tmp_path, monkeypatch):
     from imfree.runtime import engines
 
