@@ -157,7 +157,8 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Batches of `paths` in input order, decoded up to `prefetch` (>= 1) batches ahead."""
     chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
-    return decode_batches(chunks, decode, batch_size, decode_workers, prefetch, times, timeout,
+    longest = max(1, min(batch_size, len(paths)))  # the slot size: a huge batch_size costs nothing
+    return decode_batches(chunks, decode, longest, decode_workers, prefetch, times, timeout,
                           decoder)
 
 

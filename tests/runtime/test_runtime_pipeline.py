@@ -183,6 +183,18 @@ def test_a_decoder_returning_the_wrong_shape_costs_only_that_row(tmp_path):
     assert batch.failures == [(paths[1], "decoder returned uint8 (5, 5, 3), not uint8 (4, 5, 3)")]
 
 
+def test_a_batch_size_beyond_the_paths_reserves_only_the_paths(tmp_path, monkeypatch):
+    sizes = []
+    real_raw_array = pipeline.multiprocessing.RawArray
+    monkeypatch.setattr(pipeline.multiprocessing, "RawArray",
+                        lambda kind, size: sizes.append(size) or real_raw_array(kind, size))
+
+    paths = [tmp_path / f"{i}.jpg" for i in range(3)]
+    list(iter_batches(paths, DecodeSettings(4, 5), batch_size=100_000, decoder=numbered))
+
+    assert sizes == [3 * 4 * 5 * 3]  # one slot of three images, not 100,000
+
+
 def test_a_chunk_longer_than_promised_is_refused(tmp_path):
     chunks = [[tmp_path / "1.jpg"], [tmp_path / f"{i}.jpg" for i in range(3)]]
     batches = pipeline.decode_batches(chunks, DecodeSettings(2, 2), 2, decoder=numbered)
