@@ -220,7 +220,7 @@ def run_engine_alone(paths: list[Path], export: Path, batch: int, engine_name: s
     size = (manifest.image_height, manifest.image_width)
     images = np.stack([decode_image(p, *size, draft=True) for p in paths])  # not timed
     engine = open_engine(export, manifest, engine_name,
-                         intra_threads=len(os.sched_getaffinity(0)))
+                         intra_threads=len(os.sched_getaffinity(0)), split=True)
     engine.run(images[:batch])  # warm-up
     started = time.perf_counter()
     for start in range(0, len(images), batch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
@@ -62,11 +63,13 @@ class Engine(Protocol):
 @dataclass(frozen=True)
 class _OrtOptions:
     """onnxruntime settings a caller may choose: threads (None: one per core), whether
-    idle ones spin, and the batch size short batches are padded to (None: no padding)."""
+    idle ones spin, the batch size short batches are padded to (None: no padding),
+    and whether a CPU batch runs as one single-threaded slice per thread."""
 
     intra: int | None = None
     spinning: bool = True
     pad_to: int | None = None
+    split: bool = False
 
 
 class OrtEngine:
@@ -81,7 +84,17 @@ class OrtEngine:
         *,
         spinning: bool = True,
         pad_to: int | None = None,
+        split: bool = False,
     ):
+        # With `split`, a batch on the CPU runs as `intra_threads` slices at once, each
+        # on one thread, instead of one run whose threads meet at every operator. RN50
+        # INT8 on 2 cores: 5% more images per second alone (74 against 70), and no
+        # thread waits at an operator's end for one that a decode worker delayed.
+        self._slices = 1
+        if split and _provider_name(providers[0]) == _CPU and (intra_threads or 1) > 1:
+            self._slices, intra_threads = intra_threads, 1
+        self._slice_pool = ThreadPoolExecutor(self._slices - 1) if self._slices > 1 else None
+
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The CPU arena keeps every block it ever grew to: RN50 at batch 256 peaked at
@@ -125,11 +138,27 @@ class OrtEngine:
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs by name for uint8 images [N, H, W, 3]; exactly N rows each."""
         rows = len(images)
-        values = self._session.run(self._outputs, {self._input: self._padded(images)})
+        padded = self._padded(images)
+        if self._slice_pool is not None and len(padded) > 1:
+            values = self._run_in_slices(padded)
+        else:
+            values = self._session.run(self._outputs, {self._input: padded})
         return {name: value[:rows] for name, value in zip(self._outputs, values, strict=True)}
 
     def close(self) -> None:
-        """Nothing to release beyond what garbage collection frees."""
+        """Stop the threads that run slices; the session goes with garbage collection."""
+        if self._slice_pool is not None:
+            self._slice_pool.shutdown()
+
+    def _run_in_slices(self, images: np.ndarray) -> list[np.ndarray]:
+        # The caller's thread runs the first slice, the pool the others, all at once on
+        # the one session (onnxruntime allows concurrent runs); rows keep their order.
+        parts = np.array_split(images, min(self._slices, len(images)))
+        others = [self._slice_pool.submit(self._session.run, self._outputs, {self._input: part})
+                  for part in parts[1:]]
+        results = [self._session.run(self._outputs, {self._input: parts[0]})]
+        results += [future.result() for future in others]
+        return [np.concatenate(values) for values in zip(*results, strict=True)]
 
     def _padded(self, images: np.ndarray) -> np.ndarray:
         # onnxruntime plans its memory once per input shape; a short batch (the last,
@@ -165,6 +194,7 @@ def open_engine(
     gate: bool = True,
     spinning: bool = True,
     pad_to: int | None = None,
+    split: bool = False,
 ) -> Engine:
     """The engine `choice` for the export in `folder`; `auto` takes the fastest that runs.
 
@@ -173,11 +203,14 @@ def open_engine(
     `spinning`, idle onnxruntime threads sleep at once instead of spinning: the
     choice where other processes (decode workers) share the cores. With `pad_to`,
     onnxruntime engines that have run a batch of that size pad shorter ones to it
-    (and return only the rows given), so a run keeps one memory plan.
+    (and return only the rows given), so a run keeps one memory plan. With
+    `split`, onnxruntime on the CPU runs each batch as `intra_threads` slices at
+    once, one thread each: the faster way for batches of many images, though a
+    batch of one image then uses one core.
     """
     folder = Path(folder)
     check_engine_choice(choice)
-    options = _OrtOptions(intra_threads, spinning, pad_to)
+    options = _OrtOptions(intra_threads, spinning, pad_to, split)
 
     if choice == "auto":
         engine = _open_fastest(folder, manifest, options, device, gate)
@@ -334,7 +367,7 @@ def _open_ort(
                           f"differs from the manifest's); {REEXPORT_HINT}")
 
     engine = OrtEngine(path, providers, options.intra, precision, spinning=options.spinning,
-                       pad_to=options.pad_to)
+                       pad_to=options.pad_to, split=options.split)
     if engine.input_name != manifest.input_name:
         raise BundleError(
             f"{path} takes input {engine.input_name!r} but the manifest says "

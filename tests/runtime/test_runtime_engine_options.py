@@ -1,4 +1,5 @@
-"""onnxruntime engine options for tagging runs: padded short batches, no spinning."""
+"""onnxruntime engine options for tagging runs: padded short batches, no spinning,
+batches split across threads."""
 
 from __future__ import annotations
 
@@ -112,3 +113,48 @@ def test_spinning_is_switched_off_on_request(export_dir):
 
     assert _spinning_entry(quiet) == "0"
     assert _spinning_entry(default) is None
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("count", [1, 2, 5, 8, 11])
+def test_a_split_batch_gives_the_rows_of_one_run_in_order(export_dir, threads, count):
+    manifest = read_manifest(export_dir)
+    whole = engines.open_engine(export_dir, manifest, "ort-cpu", intra_threads=threads)
+    split = engines.open_engine(export_dir, manifest, "ort-cpu", intra_threads=threads,
+                                split=True)
+    images = _images(count, seed=count)
+
+    expected, outputs = whole.run(images), split.run(images)
+    split.close()
+
+    assert outputs.keys() == expected.keys()
+    for name in expected:
+        assert outputs[name].shape == expected[name].shape
+        np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_split_batch_runs_as_single_threaded_slices_of_the_padded_batch(export_dir):
+    engine = engines.open_engine(export_dir, read_manifest(export_dir), "ort-cpu",
+                                 intra_threads=2, split=True, pad_to=8)
+    engine._session = log = _ShapeLog(engine._session)
+
+    engine.run(_images(8))
+    engine.run(_images(5))  # padded to 8, then split
+    engine.run(_images(1))  # one image: one run
+
+    assert sorted(log.shapes) == [(1, HEIGHT, WIDTH, 3)] + [(4, HEIGHT, WIDTH, 3)] * 4
+    options = log._session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    engine.close()
+
+
+@pytest.mark.parametrize("threads", [None, 1])
+def test_split_needs_more_than_one_thread(export_dir, threads):
+    engine = engines.open_engine(export_dir, read_manifest(export_dir), "ort-cpu",
+                                 intra_threads=threads, split=True)
+    engine._session = log = _ShapeLog(engine._session)
+
+    engine.run(_images(4))
+
+    assert log.shapes == [(4, HEIGHT, WIDTH, 3)]
+    engine.close()
