@@ -356,15 +356,16 @@ def log_summary(summary: InferSummary) -> None:
         summary.seconds,
         summary.engine_name,
     )
-    logger.info(
-        "rates: decoding %.1f images/s (%d workers), engine %.1f images/s, overall %.1f "
-        "images/s; %s limits this run",
-        summary.decode_rate,
-        summary.decode_workers,
-        summary.engine_rate,
-        summary.images_per_second,
-        "decoding" if summary.decode_rate < summary.engine_rate else "the engine",
-    )
+    if summary.engine_rate > 0:  # else the engine never ran: no image decoded, or none given
+        logger.info(
+            "rates: decoding %.1f images/s (%d workers), engine %.1f images/s, overall %.1f "
+            "images/s; %s limits this run",
+            summary.decode_rate,
+            summary.decode_workers,
+            summary.engine_rate,
+            summary.images_per_second,
+            "decoding" if summary.decode_rate < summary.engine_rate else "the engine",
+        )
     for reason, count in summary.failure_reasons.items():
         logger.info("  %d failed: %s", count, reason)
     if summary.workers_replaced:

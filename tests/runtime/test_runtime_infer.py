@@ -126,6 +126,23 @@ def test_decode_memory_follows_the_work_not_the_batch_option(inputs, export_dir,
     assert longest == [files] and files == len(list(inputs.rglob("*.*"))) - 1  # not readme
 
 
+@pytest.mark.parametrize("files", [[], ["empty.jpg", "notes.png"]])
+def test_a_run_the_engine_never_saw_names_no_limiting_stage(tmp_path, export_dir, caplog,
+                                                            files):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_bytes(b"" if name == "empty.jpg" else b"not a picture")
+
+    with caplog.at_level("INFO", logger="imfree"):
+        summary = run_inference(InferConfig(folder, export_dir, tmp_path / "t.csv",
+                                            progress=False))
+
+    assert (summary.images_ok, summary.images_failed) == (0, len(files))
+    assert "done, " in caplog.text
+    assert "limits this run" not in caplog.text
+
+
 def test_a_batch_decoded_after_a_stop_is_left_for_resume():
     # The batch being scored is finished; one that decoded while the stop came in
     # (its workers may have been killed by the same SIGTERM) is not written.
