@@ -7,7 +7,9 @@ One run measures, side by side on the same images and model:
      engine `auto` picks from the export folder;
   2. a plain open_clip PyTorch loop: Pillow decodes each file at full size,
      resizes it as the export expects, and the same model scores batches;
-  3. the engine alone on batches decoded beforehand (its ceiling).
+  3. the engine alone on batches decoded beforehand (its ceiling), run as
+     imfree runs it: each batch split into one single-threaded slice per core,
+     which is also the faster way for the engine alone.
 Arms 2 and 3 run on the first --reference-images images (rates do not depend
 on the count once warm); their decisions are compared with imfree's rows.
 The three arms run in turn, --rounds times (A B C A B C ...), so a neighbour's
@@ -21,7 +23,7 @@ The images are the real photos (examples/images) cropped at random (70-100% of
 each side) and saved at JPEG quality 90, with the long side drawn from
 --sizes:
   camera   web and camera sizes, 640 to 4032 pixels (2.8 MP on average): the
-           harder case, where decoding costs a third of the engine's time;
+           harder case, where decoding costs a quarter of the engine's time;
   dataset  the real photos' own long sides, 448 to 1352 pixels (0.4 MP on
            average), the scale of VOC and COCO images.
 """
