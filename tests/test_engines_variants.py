@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -251,3 +252,24 @@ def test_tensorrt_engine_built_from_another_graph_is_refused(folder, tmp_path, m
     manifest = dataclasses.replace(read_manifest(folder), tensorrt_engines=[record])
     with pytest.raises(EngineUnavailable, match="built from another ONNX graph.*--trt"):
         engines.open_engine(tmp_path, manifest, "tensorrt")
+
+
+def test_tensorrt_takes_the_engine_built_from_this_graph(folder, tmp_path, monkeypatch):
+    # Two engines built on this machine: a stale one first, then this export's.
+    monkeypatch.setattr(tensorrt_runner, "probe_machine", lambda device=0: HERE)
+    opened = []
+    monkeypatch.setattr(tensorrt_runner, "TensorRTEngine",
+                        lambda path, *args: opened.append(path.name) or SimpleNamespace())
+    manifest = read_manifest(folder)
+    records = [{"file": name, "precision": "fp16", "max_batch": 8, "gpu_name": HERE.gpu_name,
+                "compute_capability": HERE.compute_capability,
+                "tensorrt_version": HERE.tensorrt_version, "onnx_sha256": sha}
+               for name, sha in (("stale.engine", "00" * 32),
+                                 ("current.engine", manifest.onnx_sha256))]
+    for record in records:
+        (tmp_path / record["file"]).write_bytes(b"engine")
+    manifest = dataclasses.replace(manifest, tensorrt_engines=records)
+
+    engines._open_tensorrt(tmp_path, manifest, device=0)
+
+    assert opened == ["current.engine"]

@@ -310,18 +310,15 @@ def _open_fastest(
 
 def _open_tensorrt(folder: Path, manifest: ExportManifest, device: int) -> Engine:
     machine = tensorrt_runner.probe_machine(device)
-    record = tensorrt_runner.select_engine_record(manifest.tensorrt_engines, machine)
+    # Of several engines built here, the one built from this export's graph.
+    record = tensorrt_runner.select_engine_record(manifest.tensorrt_engines, machine,
+                                                  manifest.onnx_sha256)
 
     path = folder / record["file"]
     if not path.is_file():
         raise EngineUnavailable(
             f"the TensorRT engine {path} listed in the manifest is missing; "
             f"{tensorrt_runner.REBUILD_HINT}"
-        )
-    if record.get("onnx_sha256") != manifest.onnx_sha256:
-        raise EngineUnavailable(
-            f"the TensorRT engine {path} was built from another ONNX graph than this "
-            f"export's {manifest.onnx_file}; {tensorrt_runner.REBUILD_HINT}"
         )
     engine = tensorrt_runner.TensorRTEngine(path, manifest.input_name, device)
     engine.precision = record["precision"]

@@ -95,7 +95,9 @@ def test_tensorrt_with_no_engine_in_the_export(export_dir, monkeypatch):
 
 def test_tensorrt_engine_file_missing(export_dir, monkeypatch):
     monkeypatch.setattr(tensorrt_runner, "probe_machine", lambda device=0: HERE)
-    manifest = dataclasses.replace(read_manifest(export_dir), tensorrt_engines=[_record()])
+    manifest = read_manifest(export_dir)
+    record = _record(onnx_sha256=manifest.onnx_sha256)  # built from this graph, but not there
+    manifest = dataclasses.replace(manifest, tensorrt_engines=[record])
     with pytest.raises(EngineUnavailable, match="model.fp16.engine listed in the manifest is"):
         engines.open_engine(export_dir, manifest, "tensorrt")
 
