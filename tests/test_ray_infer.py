@@ -514,3 +514,13 @@ def test_a_second_signal_mid_run_still_keeps_the_rows(tmp_path, ray_instance, im
     run_ray_inference(_config(images, export_dir, out, resume=True),
                       RayConfig(shard_rows=3 * BATCH))
     assert read_shards(out).to_pylist() == local_table.to_pylist()
+
+
+def test_a_cpu_engine_actor_splits_its_batches_across_its_threads(export_dir):
+    from imfree.runtime.ray_infer import BatchScorer
+
+    two = BatchScorer(str(export_dir), "ort-cpu", 2)
+    one = BatchScorer(str(export_dir), "ort-cpu", 1)
+
+    assert two.engine._slice_pool is not None and two.engine._slices == 2
+    assert one.engine._slice_pool is None

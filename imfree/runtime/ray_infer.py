@@ -434,7 +434,9 @@ class BatchScorer:
     def __init__(self, export_dir: str, engine: EngineChoice, threads: int | None):
         self.manifest = read_manifest(export_dir)
         # On a GPU node Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU: it is device 0.
-        self.engine = open_engine(export_dir, self.manifest, engine, intra_threads=threads)
+        # On the CPU a batch runs as one slice per thread, as in a local run.
+        self.engine = open_engine(export_dir, self.manifest, engine, intra_threads=threads,
+                                  split=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         height, width = self.manifest.image_height, self.manifest.image_width
