@@ -28,8 +28,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import numpy as np
 from pebble import ProcessExpired, ProcessPool
 from PIL import Image
 
+from imfree.errors import ImfreeError
 from imfree.runtime.images import (
     DEFAULT_MAX_PIXELS,
     WHITE,
@@ -57,6 +59,15 @@ DEFAULT_DECODE_TIMEOUT = 60.0
 # busy process an idle-class worker gets no CPU at all, and good files ran into
 # the decode timeout.
 WORKER_NICENESS = 10
+
+# Broken pools in a row, with no file decoded between them, before the run gives up.
+MAX_POOL_RESTARTS = 3
+# How often a wait for a decoded file checks that the pool it was sent to still runs.
+POOL_CHECK_SECONDS = 0.5
+
+
+class DecodeWorkersFailed(ImfreeError):
+    """The decode worker processes cannot start."""
 
 
 @dataclass
@@ -197,9 +208,12 @@ def decode_batches(
 
     chunks = iter(chunks)
     pending: deque[tuple[list[Path], int, list[Future[Report]]]] = deque()
-    pool = _start_pool(workers, shared, shape)
+    pool = _Workers(workers, shared, shape)
     submitted = 0
     finished = False
+
+    def schedule(path: Path, slot: int, index: int) -> Future[Report]:
+        return pool.schedule(_decode_into_slot, (decode_one, path, decode, slot, index), timeout)
 
     def submit_next_chunk() -> None:
         nonlocal submitted
@@ -210,10 +224,25 @@ def decode_batches(
             raise ValueError(f"a chunk of {len(chunk)} paths is longer than max_chunk "
                              f"({max_chunk})")
         slot = submitted % slot_count
-        futures = [pool.schedule(_decode_into_slot, (decode_one, path, decode, slot, index),
-                                 timeout=timeout) for index, path in enumerate(chunk)]
+        futures = [schedule(path, slot, index) for index, path in enumerate(chunk)]
         pending.append((chunk, slot, futures))
         submitted += 1
+
+    def reports_of(chunk: list[Path], slot: int, futures: list[Future[Report]]) -> list[Report]:
+        # A file whose task was lost with its pool (not its own fault) is decoded again,
+        # into the same place, on the pool that replaced it.
+        reports: list[Report | None] = [None] * len(chunk)
+        while True:
+            for index, future in enumerate(futures):
+                if reports[index] is None:
+                    reports[index] = _report(future, chunk[index], timeout, times, pool)
+            lost = [index for index, report in enumerate(reports) if report is None]
+            if not lost:
+                return reports  # type: ignore[return-value]
+            pool.replace_if_broken()
+            futures = list(futures)
+            for index in lost:
+                futures[index] = schedule(chunk[index], slot, index)
 
     try:
         # Each turn hands out one batch and queues the one `prefetch` places after it.
@@ -224,8 +253,7 @@ def decode_batches(
             chunk, slot, futures = pending.popleft()
 
             started = time.perf_counter()
-            reports = [_report(future, path, timeout, times) for path, future in zip(
-                chunk, futures, strict=True)]
+            reports = reports_of(chunk, slot, futures)
             times.decode_wait_seconds += time.perf_counter() - started
             times.decode_seconds += sum(seconds for _, seconds in reports)
             times.images_decoded += len(reports)
@@ -236,7 +264,69 @@ def decode_batches(
             yield batch
         finished = True
     finally:
-        _stop_pool(pool, pending, finished)
+        pool.stop(pending, finished)
+
+
+class _Workers:
+    """The pebble pool of decode workers, replaced whenever it breaks.
+
+    Pebble replaces a worker that dies on a task (that task fails, the run goes
+    on), but one that dies while no task runs (killed from outside while idle, or
+    at its start) breaks the whole pool: its tasks fail or are never run, and it
+    takes no more. The pool is then stopped, so no worker of it can still write
+    into a slot, and a new one takes over. Pools that break again and again
+    before any file is decoded mean workers cannot start at all: an error then.
+    """
+
+    def __init__(self, workers: int, shared: ctypes.Array, shape: tuple[int, ...]):
+        self._args = (workers, shared, shape)
+        self._pool = _start_pool(*self._args)
+        self._scheduled: set[Future] = set()  # on the current pool, not yet waited for
+        self._broken_in_a_row = 0
+
+    def schedule(self, function: Callable, args: tuple, timeout: float) -> Future:
+        try:
+            future = self._pool.schedule(function, args, timeout=timeout)
+        except RuntimeError:  # pebble: the pool broke and refuses tasks
+            self.replace_if_broken()
+            future = self._pool.schedule(function, args, timeout=timeout)
+        self._scheduled.add(future)
+        return future
+
+    def wait(self, future: Future) -> bool:
+        """Wait for `future`; False if it was lost with a broken pool (never to finish)."""
+        while not future.done():
+            wait([future], timeout=POOL_CHECK_SECONDS)
+            if not future.done() and (future not in self._scheduled or not self._pool.active):
+                future.cancel()
+                return False
+        self._scheduled.discard(future)
+        return True
+
+    def took_a_result(self) -> None:
+        self._broken_in_a_row = 0
+
+    def replace_if_broken(self) -> None:
+        if self._pool.active:
+            return  # a later pool than the one the lost tasks were on
+        self._pool.stop()
+        self._pool.join()
+        self._scheduled.clear()
+        self._broken_in_a_row += 1
+        if self._broken_in_a_row > MAX_POOL_RESTARTS:
+            raise DecodeWorkersFailed(
+                f"the decode worker processes exited {self._broken_in_a_row} times in a row "
+                "before decoding a file. If you call imfree from your own Python script, "
+                "put that call under `if __name__ == \"__main__\":` (each worker starts by "
+                "importing the main module); otherwise check the memory limits of this "
+                "machine or container"
+            )
+        logger.warning("the decode worker pool broke (a worker died while idle); "
+                       "starting a new one")
+        self._pool = _start_pool(*self._args)
+
+    def stop(self, pending: deque, finished: bool) -> None:
+        _stop_pool(self._pool, pending, finished)
 
 
 def _start_pool(workers: int, shared: ctypes.Array, shape: tuple[int, ...]) -> ProcessPool:
@@ -313,16 +403,25 @@ def decode_file(path: Path, decode: DecodeSettings) -> Outcome:
     return image, None, time.perf_counter() - started
 
 
-def _report(future: Future, path: Path, timeout: float, times: StageTimes) -> Report:
-    """The result of one decode task, with a dead or hung worker turned into a reason."""
+def _report(future: Future, path: Path, timeout: float, times: StageTimes,
+            pool: _Workers) -> Report | None:
+    """The result of one decode task, with a dead or hung worker turned into a reason;
+    None for a task lost because its whole pool broke, to be decoded again."""
+    if not pool.wait(future):
+        return None
     try:
-        return future.result()
+        report = future.result()
     except FutureTimeout:
         reason = f"decoding took over {timeout:g} s (worker stopped and replaced)"
     except ProcessExpired as error:
         reason = f"decoder crashed ({_exit_reason(error.exitcode)}; worker replaced)"
+    except BrokenProcessPool:
+        return None
     except Exception as error:  # noqa: BLE001 - any decoder bug is one file's problem
         reason = f"decoder failed: {type(error).__name__}: {error}"[:200]
+    else:
+        pool.took_a_result()
+        return report
 
     times.workers_replaced += "replaced" in reason
     logger.warning("%s: %s", path, reason)

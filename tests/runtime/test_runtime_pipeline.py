@@ -157,6 +157,18 @@ def niceness(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
     return np.full((decode.height, decode.width, 3), os.nice(0), np.uint8), None, 0.0
 
 
+def numbered_with_pid(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
+    """`numbered`, logging the worker's process id to the folder's pids.log."""
+    with open(path.parent / "pids.log", "a") as log:
+        log.write(f"{os.getpid()}\n")
+    return numbered(path, decode)
+
+
+def _exit_at_start(*args) -> None:
+    """A worker initializer that exits, as a worker that cannot start would."""
+    os._exit(3)
+
+
 def test_each_batch_holds_its_own_images_while_slots_are_reused(tmp_path):
     # Twelve batches through two shared slots, some with failures between images:
     # every image must still be its own file's, in its batch's order.
@@ -313,3 +325,37 @@ def test_following_symlinks_walks_each_real_folder_once(tmp_path):
 def test_no_inputs_at_all_is_a_config_error():
     with pytest.raises(ConfigError, match="no inputs: pass image files or folders"):
         collect_inputs(InputSpec())
+
+
+def test_a_worker_killed_while_idle_breaks_nothing(tmp_path, caplog):
+    # Pebble gives up a whole pool when a worker dies while none is busy; the
+    # pipeline starts a new one and decodes the lost files again.
+    paths = [tmp_path / f"{i}.jpg" for i in range(30)]
+    batches = iter_batches(paths, DecodeSettings(2, 3), batch_size=3, decode_workers=2,
+                           prefetch=2, decoder=numbered_with_pid)
+    handed_out = [next(batches)]
+    time.sleep(1.0)  # the two batches ahead are decoded: the workers wait, idle
+
+    some_worker = int((tmp_path / "pids.log").read_text().split()[0])
+    os.kill(some_worker, signal.SIGKILL)
+    time.sleep(0.5)
+    handed_out += list(batches)
+
+    assert len(handed_out) == 10
+    assert [p for batch in handed_out for p in batch.paths] == paths
+    for batch in handed_out:
+        assert [f for f, _ in batch.failures] == [p for p in batch.paths if int(p.stem) % 5 == 4]
+        assert batch.images[:, 0, 0, 0].tolist() == [int(p.stem) for p in batch.good_paths]
+    assert "decode worker pool broke" in caplog.text
+
+
+def test_workers_that_cannot_start_are_an_error_that_says_why(tmp_path, monkeypatch):
+    def pool_of_workers_that_exit(workers, shared, shape):
+        return pipeline.ProcessPool(max_workers=workers, initializer=_exit_at_start,
+                                    context=pipeline.multiprocessing.get_context("forkserver"))
+
+    monkeypatch.setattr(pipeline, "_start_pool", pool_of_workers_that_exit)
+    paths = [tmp_path / f"{i}.jpg" for i in range(6)]
+
+    with pytest.raises(pipeline.DecodeWorkersFailed, match='if __name__ == "__main__"'):
+        list(iter_batches(paths, DecodeSettings(2, 3), batch_size=3, decoder=numbered))
