@@ -187,8 +187,19 @@ class RowWriter:
     ) -> None:
         if kind is None:
             self.close()
-        else:
+        elif self.rows_written or self.rows_resumed:
             self.abort()
+        else:
+            self._discard()
+
+    def _discard(self) -> None:
+        # A run that failed before its first row leaves nothing to resume; a partial
+        # file left behind would only make the next run ask for --resume.
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self.partial.unlink(missing_ok=True)
+        run_key_path(self.path).unlink(missing_ok=True)
 
     # The parts each format fills in.
 

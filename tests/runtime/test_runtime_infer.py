@@ -183,6 +183,50 @@ def test_a_failing_engine_keeps_the_partial_output(inputs, export_dir, tmp_path,
     assert partial_path(out).read_text().startswith("path,status")
 
 
+def test_a_run_that_fails_before_its_first_row_leaves_no_partial_file(inputs, export_dir,
+                                                                     tmp_path, monkeypatch):
+    # Nothing to resume: a partial file would only make the next run ask for --resume.
+    from imfree.runtime import engines
+
+    def crash(self, images):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engines.OrtEngine, "run", crash)
+    out = tmp_path / "tags.csv"
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        run_inference(InferConfig(inputs, export_dir, out, batch_size=2, progress=False))
+
+    assert not out.exists() and not partial_path(out).exists()
+    assert not list(tmp_path.glob(".tags.csv*"))  # nor the run's key beside it
+
+
+def test_a_resumed_run_that_fails_at_once_keeps_the_earlier_rows(inputs, export_dir, tmp_path,
+                                                                 monkeypatch):
+    from imfree.runtime import engines
+
+    out = tmp_path / "tags.csv"
+    calls = []
+    original = engines.OrtEngine.run
+
+    def crash_on_second_batch(self, images):
+        calls.append(len(images))
+        if len(calls) >= 2:
+            raise RuntimeError("device lost")
+        return original(self, images)
+
+    monkeypatch.setattr(engines.OrtEngine, "run", crash_on_second_batch)
+    with pytest.raises(RuntimeError):
+        run_inference(InferConfig(inputs, export_dir, out, batch_size=2, progress=False))
+    kept = partial_path(out).read_text()
+
+    with pytest.raises(RuntimeError):
+        run_inference(InferConfig(inputs, export_dir, out, batch_size=2, progress=False,
+                                  resume=True))
+
+    assert partial_path(out).read_text() == kept
+
+
 def test_scores_of_the_wrong_width_are_a_bundle_error(inputs, export_dir, tmp_path):
     manifest_path = export_dir / "imfree_export.json"
     document = json.loads(manifest_path.read_text())
