@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
@@ -42,6 +42,8 @@ Provider = str | tuple[str, dict]
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
+# How often a thread waiting for onnxruntime wakes, so signal handlers run promptly.
+_WAIT_STEP_SECONDS = 0.1
 # The torch program's second output: the pooled embedding, always in the program.
 EMBEDDINGS_OUTPUT = "embeddings"
 
@@ -93,7 +95,10 @@ class OrtEngine:
         self._slices = 1
         if split and _provider_name(providers[0]) == _CPU and (intra_threads or 1) > 1:
             self._slices, intra_threads = intra_threads, 1
-        self._slice_pool = ThreadPoolExecutor(self._slices - 1) if self._slices > 1 else None
+        # Runs happen in these threads while the caller's waits in short steps: Python
+        # runs a signal handler only in the main thread and never during a call into
+        # onnxruntime, so a Ctrl-C would otherwise wait out the whole batch.
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(self._slices)
 
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -137,28 +142,37 @@ class OrtEngine:
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs by name for uint8 images [N, H, W, 3]; exactly N rows each."""
+        if self._pool is None:
+            raise RuntimeError(f"the {self.name} engine was closed; open a new one")
         rows = len(images)
         padded = self._padded(images)
-        if self._slice_pool is not None and len(padded) > 1:
-            values = self._run_in_slices(padded)
-        else:
-            values = self._session.run(self._outputs, {self._input: padded})
+        # Slices of consecutive rows, run at once on the one session (onnxruntime
+        # allows concurrent runs), then joined in order.
+        parts = np.array_split(padded, max(1, min(self._slices, len(padded))))
+        results = self._run_parts(parts)
+        values = [np.concatenate(outputs) for outputs in zip(*results, strict=True)]
         return {name: value[:rows] for name, value in zip(self._outputs, values, strict=True)}
 
     def close(self) -> None:
-        """Stop the threads that run slices; the session goes with garbage collection."""
-        if self._slice_pool is not None:
-            self._slice_pool.shutdown()
+        """Stop the threads runs happen in; the session goes with garbage collection."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
-    def _run_in_slices(self, images: np.ndarray) -> list[np.ndarray]:
-        # The caller's thread runs the first slice, the pool the others, all at once on
-        # the one session (onnxruntime allows concurrent runs); rows keep their order.
-        parts = np.array_split(images, min(self._slices, len(images)))
-        others = [self._slice_pool.submit(self._session.run, self._outputs, {self._input: part})
-                  for part in parts[1:]]
-        results = [self._session.run(self._outputs, {self._input: parts[0]})]
-        results += [future.result() for future in others]
-        return [np.concatenate(values) for values in zip(*results, strict=True)]
+    def _run_parts(self, parts: list[np.ndarray]) -> list[list[np.ndarray]]:
+        options = onnxruntime.RunOptions()
+        futures = [self._pool.submit(self._session.run, self._outputs, {self._input: part},
+                                     options) for part in parts]
+        try:
+            while wait(futures, timeout=_WAIT_STEP_SECONDS).not_done:
+                pass
+        except BaseException:
+            # A second Ctrl-C (KeyboardInterrupt) must not wait for the batch: onnxruntime
+            # checks this flag between operators and ends the runs in flight.
+            options.terminate = True
+            wait(futures)
+            raise
+        return [future.result() for future in futures]
 
     def _padded(self, images: np.ndarray) -> np.ndarray:
         # onnxruntime plans its memory once per input shape; a short batch (the last,

@@ -1,7 +1,12 @@
 """onnxruntime engine options for tagging runs: padded short batches, no spinning,
-batches split across threads."""
+batches split across threads, signals while a batch runs."""
 
 from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -24,9 +29,9 @@ class _ShapeLog:
         self._session = session
         self.shapes: list[tuple[int, ...]] = []
 
-    def run(self, outputs, feeds):
+    def run(self, outputs, feeds, options=None):
         self.shapes += [value.shape for value in feeds.values()]
-        return self._session.run(outputs, feeds)
+        return self._session.run(outputs, feeds, options)
 
 
 def test_a_short_batch_is_padded_but_returns_exactly_its_rows(export_dir):
@@ -158,3 +163,66 @@ def test_split_needs_more_than_one_thread(export_dir, threads):
 
     assert log.shapes == [(4, HEIGHT, WIDTH, 3)]
     engine.close()
+
+
+class _SlowSession:
+    """Stands in for an onnxruntime session whose runs take `seconds`, or end early
+    (with onnxruntime's error) once their RunOptions say terminate."""
+
+    def __init__(self, session, seconds: float):
+        self._session = session
+        self._seconds = seconds
+        self.terminated: list[bool] = []
+
+    def run(self, outputs, feeds, options):
+        deadline = time.monotonic() + self._seconds
+        while time.monotonic() < deadline and not options.terminate:
+            time.sleep(0.01)
+        self.terminated.append(options.terminate)
+        if options.terminate:
+            raise RuntimeError("Exiting due to terminate flag being set to true.")
+        return self._session.run(outputs, feeds)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_signal_handler_runs_while_a_batch_is_in_the_engine(export_dir, split):
+    # The first Ctrl-C's message must come at once, not when the batch ends.
+    engine = engines.open_engine(export_dir, read_manifest(export_dir), "ort-cpu",
+                                 intra_threads=2, split=split)
+    engine._session = _SlowSession(engine._session, seconds=1.5)
+    handled = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: handled.append(time.monotonic()))
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    started = time.monotonic()
+    try:
+        outputs = engine.run(_images(4))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        engine.close()
+
+    assert outputs["scores"].shape == (4, 4)
+    assert len(handled) == 1 and handled[0] - started < 0.8
+
+
+def test_a_second_ctrl_c_ends_the_runs_in_flight(export_dir):
+    engine = engines.open_engine(export_dir, read_manifest(export_dir), "ort-cpu",
+                                 intra_threads=2, split=True)
+    engine._session = slow = _SlowSession(engine._session, seconds=20)
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(_images(4))
+
+    assert time.monotonic() - started < 5
+    assert slow.terminated == [True, True]  # both slices were told to stop
+    engine.close()
+
+
+def test_a_closed_engine_says_so(export_dir):
+    engine = engines.open_engine(export_dir, read_manifest(export_dir), "ort-cpu")
+    engine.close()
+    engine.close()  # twice is harmless
+
+    with pytest.raises(RuntimeError, match="engine was closed"):
+        engine.run(_images(1))
