@@ -120,11 +120,12 @@ def run_inference(config: InferConfig) -> InferSummary:
     start_decoder_server()  # in the background, while the engine loads
     engine_threads = config.engine_threads or available_cores()
     # The decode workers share the cores: idle engine threads sleep rather than spin.
-    # Short batches are padded to the batch size, so onnxruntime plans memory once;
-    # on the CPU each batch runs as one slice per thread.
+    # Short batches are padded to the batch size, so onnxruntime plans memory once.
+    # On the CPU a batch runs as one single-threaded slice per thread, unless batches
+    # are too small to give every thread a slice (--batch 1 would use one core).
     engine = open_engine(config.export_dir, manifest, config.engine,
                          intra_threads=engine_threads, spinning=False,
-                         pad_to=config.batch_size, split=True)
+                         pad_to=config.batch_size, split=config.batch_size >= engine_threads)
     try:
         summary = _tag(paths, manifest, engine, thresholds, config)
     finally:
@@ -226,9 +227,13 @@ def _tag(
                 if failures:
                     bar.set_postfix(failed=sum(failures.values()), refresh=False)
 
-        if stop.requested:
+        stopped = stop.requested and handled < todo
+        if stopped:
             # Keep the rows for --resume instead of publishing a partial output.
             writer.abort()
+        elif stop.requested:
+            # The batch in flight was the last: the output is complete, so it is published.
+            logger.info("%s came during the last batch: the run is complete", stop.signal.name)
 
     seconds = time.perf_counter() - started
     failed = sum(failures.values())
@@ -246,7 +251,7 @@ def _tag(
         failure_reasons=dict(failures.most_common()),
         images_skipped=len(paths) - todo,
         images_left=todo - handled,
-        stopped_by=stop.signal.name if stop.signal else None,
+        stopped_by=stop.signal.name if stopped else None,
         decode_workers=workers,
         workers_replaced=times.workers_replaced,
     )

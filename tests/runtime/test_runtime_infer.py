@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,46 @@ def test_a_run_the_engine_never_saw_names_no_limiting_stage(tmp_path, export_dir
     assert (summary.images_ok, summary.images_failed) == (0, len(files))
     assert "done, " in caplog.text
     assert "limits this run" not in caplog.text
+
+
+@pytest.mark.parametrize(("batch", "threads", "split"), [(1, 2, False), (2, 2, True),
+                                                         (8, 3, True), (8, 1, True)])
+def test_batches_are_split_across_threads_only_when_each_gets_a_slice(
+        inputs, export_dir, tmp_path, monkeypatch, batch, threads, split):
+    # With --batch 1 a split engine would run every image on one core.
+    from imfree.runtime import infer
+
+    asked = []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["split"])
+        return real_open_engine(*args, **kwargs)
+
+    real_open_engine = infer.open_engine
+    monkeypatch.setattr(infer, "open_engine", recording)
+    run_inference(InferConfig(inputs, export_dir, tmp_path / "t.csv", batch_size=batch,
+                              engine_threads=threads, progress=False))
+
+    assert asked == [split]
+
+
+def test_a_stop_during_the_last_batch_publishes_the_complete_output(inputs, export_dir,
+                                                                    tmp_path, monkeypatch):
+    from imfree.runtime import engines
+
+    original = engines.OrtEngine.run
+
+    def ctrl_c_then_run(self, images):
+        os.kill(os.getpid(), signal.SIGINT)  # the run's handler asks it to stop
+        return original(self, images)
+
+    monkeypatch.setattr(engines.OrtEngine, "run", ctrl_c_then_run)
+    out = tmp_path / "tags.csv"
+    summary = run_inference(InferConfig(inputs, export_dir, out, batch_size=1000,
+                                        progress=False))
+
+    assert summary.stopped_by is None and summary.images_left == 0
+    assert out.exists() and not partial_path(out).exists()
 
 
 def test_a_batch_decoded_after_a_stop_is_left_for_resume():
