@@ -218,9 +218,9 @@ def open_engine(
     choice where other processes (decode workers) share the cores. With `pad_to`,
     onnxruntime engines that have run a batch of that size pad shorter ones to it
     (and return only the rows given), so a run keeps one memory plan. With
-    `split`, onnxruntime on the CPU runs each batch as `intra_threads` slices at
-    once, one thread each: the faster way for batches of many images, though a
-    batch of one image then uses one core.
+    `split` and `intra_threads` above 1, onnxruntime on the CPU runs each batch
+    as `intra_threads` slices at once, one thread each: the faster way for
+    batches of many images, though a batch of one image then uses one core.
     """
     folder = Path(folder)
     check_engine_choice(choice)
