@@ -112,6 +112,9 @@ Decoder = Callable[[Path, "DecodeSettings"], Outcome]
 # failed, None for success, and its seconds.
 Report = tuple[str | None, float]
 
+# prctl's request for a signal when the parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
+
 # In each worker: the shared batches it decodes into, [slot, index, H, W, 3].
 _worker_slots: np.ndarray | None = None
 
@@ -357,6 +360,7 @@ def _stop_pool(pool: ProcessPool, pending: deque, finished: bool) -> None:
 
 def _worker_start(shared: ctypes.Array, shape: tuple[int, ...]) -> None:
     global _worker_slots
+    _die_with_parent()
     _worker_slots = np.frombuffer(shared, np.uint8).reshape(shape)
 
     # Ctrl-C reaches the whole process group: the parent decides how to stop,
@@ -369,6 +373,24 @@ def _worker_start(shared: ctypes.Array, shape: tuple[int, ...]) -> None:
     # decode_image applies the run's own pixel limit (--max-pixels) from the header,
     # with a clear reason; Pillow's separate limit would refuse some images first.
     Image.MAX_IMAGE_PIXELS = None
+
+
+def _die_with_parent() -> None:
+    """In a worker: be killed by the kernel the moment the forkserver it came from dies.
+
+    Otherwise it lives on as an orphan that pebble counts as dead (exit status
+    255) but cannot stop: it would finish its file and write it into a slot that
+    a later batch has taken over, and go on taking tasks that then never finish.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux: no such call
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _decode_into_slot(decoder: Decoder, path: Path, decode: DecodeSettings, slot: int,

@@ -359,3 +359,32 @@ def test_workers_that_cannot_start_are_an_error_that_says_why(tmp_path, monkeypa
 
     with pytest.raises(pipeline.DecodeWorkersFailed, match='if __name__ == "__main__"'):
         list(iter_batches(paths, DecodeSettings(2, 3), batch_size=3, decoder=numbered))
+
+
+def _stat_fields(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_workers_die_with_the_forkserver_and_the_run_goes_on(tmp_path):
+    # An orphaned worker would write into slots later batches reuse: it must not outlive
+    # the forkserver, and a new pool (and server) takes over.
+    paths = [tmp_path / f"{i}.jpg" for i in range(30)]
+    batches = iter_batches(paths, DecodeSettings(2, 3), batch_size=3, decode_workers=2,
+                           prefetch=2, decoder=numbered_with_pid)
+    handed_out = [next(batches)]
+    time.sleep(1.0)
+    worker = int((tmp_path / "pids.log").read_text().split()[0])
+    server = int(_stat_fields(worker)[1])
+
+    os.kill(server, signal.SIGKILL)
+    time.sleep(0.5)
+
+    assert _stat_fields(worker)[:1] in ([], ["Z"])  # gone, or dead and not yet reaped
+    handed_out += list(batches)
+    assert [p for batch in handed_out for p in batch.paths] == paths
+    for batch in handed_out:
+        assert batch.images[:, 0, 0, 0].tolist() == [int(p.stem) for p in batch.good_paths]
