@@ -150,7 +150,10 @@ class OrtEngine:
         # allows concurrent runs), then joined in order.
         parts = np.array_split(padded, max(1, min(self._slices, len(padded))))
         results = self._run_parts(parts)
-        values = [np.concatenate(outputs) for outputs in zip(*results, strict=True)]
+        if len(results) == 1:
+            values = results[0]  # one run: nothing to join, and no copy
+        else:
+            values = [np.concatenate(outputs) for outputs in zip(*results, strict=True)]
         return {name: value[:rows] for name, value in zip(self._outputs, values, strict=True)}
 
     def close(self) -> None:
