@@ -329,7 +329,17 @@ class _Workers:
         self._pool = _start_pool(*self._args)
 
     def stop(self, pending: deque, finished: bool) -> None:
-        _stop_pool(self._pool, pending, finished)
+        """End the pool: after the queued decodes if `finished`, else at once."""
+        if finished:
+            self._pool.close()
+        else:
+            # The consumer stopped early (an error, a signal, a closed generator): the
+            # queued decodes are of no use, so the workers are stopped, not waited for.
+            for _, _, futures in pending:
+                for future in futures:
+                    future.cancel()
+            self._pool.stop()
+        self._pool.join()
 
 
 def _start_pool(workers: int, shared: ctypes.Array, shape: tuple[int, ...]) -> ProcessPool:
@@ -343,19 +353,6 @@ def _start_pool(workers: int, shared: ctypes.Array, shape: tuple[int, ...]) -> P
         initargs=(shared, shape),
         context=context,
     )
-
-
-def _stop_pool(pool: ProcessPool, pending: deque, finished: bool) -> None:
-    if finished:
-        pool.close()
-    else:
-        # The consumer stopped early (an error, a signal, a closed generator): the
-        # queued decodes are of no use, so the workers are stopped, not waited for.
-        for _, _, futures in pending:
-            for future in futures:
-                future.cancel()
-        pool.stop()
-    pool.join()
 
 
 def _worker_start(shared: ctypes.Array, shape: tuple[int, ...]) -> None:
