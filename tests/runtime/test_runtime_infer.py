@@ -202,19 +202,25 @@ def test_a_batch_decoded_after_a_stop_is_left_for_resume():
     assert list(_until_stopped(batches(), stop)) == ["scored when the stop came"]
 
 
-def test_a_failing_engine_keeps_the_partial_output(inputs, export_dir, tmp_path, monkeypatch):
+def _engine_fails_from_batch(monkeypatch, first_failing: int) -> None:
+    """The onnxruntime engine raises "device lost" from its `first_failing`-th batch on,
+    counted across every run of the test."""
     from imfree.runtime import engines
 
+    original = engines.OrtEngine.run
     calls = []
 
-    def crash_on_second_batch(self, images):
+    def failing(self, images):
         calls.append(len(images))
-        if len(calls) == 2:
+        if len(calls) >= first_failing:
             raise RuntimeError("device lost")
         return original(self, images)
 
-    original = engines.OrtEngine.run
-    monkeypatch.setattr(engines.OrtEngine, "run", crash_on_second_batch)
+    monkeypatch.setattr(engines.OrtEngine, "run", failing)
+
+
+def test_a_failing_engine_keeps_the_partial_output(inputs, export_dir, tmp_path, monkeypatch):
+    _engine_fails_from_batch(monkeypatch, 2)
     out = tmp_path / "tags.csv"
 
     with pytest.raises(RuntimeError, match="device lost"):
@@ -227,12 +233,7 @@ def test_a_failing_engine_keeps_the_partial_output(inputs, export_dir, tmp_path,
 def test_a_run_that_fails_before_its_first_row_leaves_no_partial_file(inputs, export_dir,
                                                                      tmp_path, monkeypatch):
     # Nothing to resume: a partial file would only make the next run ask for --resume.
-    from imfree.runtime import engines
-
-    def crash(self, images):
-        raise RuntimeError("device lost")
-
-    monkeypatch.setattr(engines.OrtEngine, "run", crash)
+    _engine_fails_from_batch(monkeypatch, 1)
     out = tmp_path / "tags.csv"
 
     with pytest.raises(RuntimeError, match="device lost"):
@@ -244,19 +245,8 @@ def test_a_run_that_fails_before_its_first_row_leaves_no_partial_file(inputs, ex
 
 def test_a_resumed_run_that_fails_at_once_keeps_the_earlier_rows(inputs, export_dir, tmp_path,
                                                                  monkeypatch):
-    from imfree.runtime import engines
-
     out = tmp_path / "tags.csv"
-    calls = []
-    original = engines.OrtEngine.run
-
-    def crash_on_second_batch(self, images):
-        calls.append(len(images))
-        if len(calls) >= 2:
-            raise RuntimeError("device lost")
-        return original(self, images)
-
-    monkeypatch.setattr(engines.OrtEngine, "run", crash_on_second_batch)
+    _engine_fails_from_batch(monkeypatch, 2)  # the resumed run fails on its first batch
     with pytest.raises(RuntimeError):
         run_inference(InferConfig(inputs, export_dir, out, batch_size=2, progress=False))
     kept = partial_path(out).read_text()
