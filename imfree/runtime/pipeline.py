@@ -363,13 +363,27 @@ def _worker_start(shared: ctypes.Array, shape: tuple[int, ...]) -> None:
     # Ctrl-C reaches the whole process group: the parent decides how to stop,
     # and the workers must not die mid-file with a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        os.nice(WORKER_NICENESS)
-    except OSError:  # not permitted here; priority is an optimisation only
-        pass
+    _lower_priority()
     # decode_image applies the run's own pixel limit (--max-pixels) from the header,
     # with a clear reason; Pillow's separate limit would refuse some images first.
     Image.MAX_IMAGE_PIXELS = None
+
+
+def _lower_priority() -> None:
+    """In a worker: give way to the engine's threads (an optimisation only)."""
+    # SCHED_BATCH is the fair scheduler without wakeup preemption: a worker handed
+    # its next file waits for the engine thread's time slice to end, instead of
+    # interrupting it and evicting its caches. RN50 INT8 on 2,000 camera photos:
+    # 0.2 to 0.4 s less of about 35 s, in each of three pairs of runs (measured here).
+    # Unlike SCHED_IDLE, it still gets a fair share beside other busy processes.
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not permitted here
+        pass
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        pass
 
 
 def _die_with_parent() -> None:

@@ -153,8 +153,11 @@ def wrong_shape(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
 
 
 def niceness(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
-    """A decoder whose pixels are the worker's niceness."""
-    return np.full((decode.height, decode.width, 3), os.nice(0), np.uint8), None, 0.0
+    """A decoder whose pixels are the worker's niceness, then its scheduling policy."""
+    image = np.zeros((decode.height, decode.width, 3), np.uint8)
+    image[..., 0] = os.nice(0)
+    image[..., 1] = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else 255
+    return image, None, 0.0
 
 
 def numbered_with_pid(path: Path, decode: DecodeSettings) -> pipeline.Outcome:
@@ -220,6 +223,8 @@ def test_workers_decode_at_a_lower_priority(tmp_path):
                             decoder=niceness)
 
     assert batch.images[0, 0, 0, 0] == min(19, os.nice(0) + pipeline.WORKER_NICENESS)
+    if hasattr(os, "SCHED_BATCH"):  # Linux: no wakeup preemption of the engine's threads
+        assert batch.images[0, 0, 0, 1] == os.SCHED_BATCH
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
