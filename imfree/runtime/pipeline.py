@@ -376,8 +376,11 @@ def _lower_priority() -> None:
     # interrupting it and evicting its caches. RN50 INT8 on 2,000 camera photos:
     # 0.2 to 0.4 s less of about 35 s, in each of three pairs of runs (measured here).
     # Unlike SCHED_IDLE, it still gets a fair share beside other busy processes.
+    # Only from the normal policy: a run started under SCHED_IDLE (chrt --idle, a
+    # systemd service's CPUSchedulingPolicy) must not have its workers raised.
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        if os.sched_getscheduler(0) == os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux, or not permitted here
         pass
     try:

@@ -227,6 +227,20 @@ def test_workers_decode_at_a_lower_priority(tmp_path):
         assert batch.images[0, 0, 0, 1] == os.SCHED_BATCH
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="scheduling policies are Linux's")
+def test_workers_of_an_idle_class_run_stay_idle():
+    # As root, setting SCHED_BATCH would succeed and raise them above the user's choice.
+    script = ("import os\n"
+              "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+              "from imfree.runtime import pipeline\n"
+              "pipeline._lower_priority()\n"
+              "print(os.sched_getscheduler(0))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+
+    assert int(done.stdout) == os.SCHED_IDLE
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_ctrl_c_while_the_decoder_server_starts_does_not_kill_it(photos):
     # The server imports the decoder before it serves. Ctrl-C must be ignored from
