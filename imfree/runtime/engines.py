@@ -107,8 +107,9 @@ class OrtEngine:
         # Without it each run maps its working memory afresh and faults every page in.
         # Measured here on RN50 with 2 threads: INT8 ran 6% faster with it split (batches
         # 64 and 256) and 25% faster unsplit (256), for 7% more memory split at 256
-        # (1.58 against 1.48 GiB). FP32 gained 2-4% for 33% more (3.3 against 2.5 GiB
-        # at 256, over the 3 GiB the memory benchmark allows), so it runs without.
+        # (1.58 against 1.48 GiB) and 39% more unsplit (1.98 against 1.42). FP32 gained
+        # 2-4% for 33% more (3.3 against 2.5 GiB split at 256, over the 3 GiB the memory
+        # benchmark allows), so it runs without.
         options.enable_cpu_mem_arena = precision == "int8"
         if intra_threads is not None:
             options.intra_op_num_threads = intra_threads
