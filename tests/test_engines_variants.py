@@ -120,15 +120,18 @@ def test_variant_engines_match_fp32_within_their_tolerance(folder, choice):
 def test_only_the_int8_engine_keeps_a_memory_arena(folder):
     # The arena made INT8 runs faster for little memory; FP32 would have gone over
     # the memory budget at batch 256 (see OrtEngine).
-    manifest = read_manifest(folder)
+    manifest, reference = read_manifest(folder), load_reference(folder)
     int8 = engines.open_engine(folder, manifest, "ort-cpu-int8")
     fp32 = engines.open_engine(folder, manifest, "ort-cpu")
+    try:
+        scores = int8.run(reference.images[:3])["scores"]
+    finally:
+        int8.close()
+        fp32.close()
 
     assert int8._session.get_session_options().enable_cpu_mem_arena
     assert not fp32._session.get_session_options().enable_cpu_mem_arena
-    np.testing.assert_allclose(int8.run(load_reference(folder).images[:3])["scores"],
-                               load_reference(folder).scores[:3],
-                               atol=TOLERANCES["int8"].score_abs)
+    np.testing.assert_allclose(scores, reference.scores[:3], atol=TOLERANCES["int8"].score_abs)
 
 
 def test_auto_prefers_the_int8_graph_on_the_cpu(folder):
