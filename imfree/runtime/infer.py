@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from imfree.errors import BundleError, ConfigError
 from imfree.runtime.bundle import REEXPORT_HINT, ExportManifest, read_manifest
+from imfree.runtime.decoder_server import start_decoder_server
 from imfree.runtime.engines import Engine, EngineChoice, check_engine_choice, open_engine
 from imfree.runtime.images import DEFAULT_MAX_PIXELS, WHITE, Colour
 from imfree.runtime.pipeline import (
@@ -32,7 +33,6 @@ from imfree.runtime.pipeline import (
     available_cores,
     decode_batches,
     default_decode_workers,
-    start_decoder_server,
 )
 from imfree.runtime.signals import StopRequest, stop_on_signals
 from imfree.runtime.sources import InputSpec, collect_inputs
@@ -108,6 +108,7 @@ class InferSummary:
 def run_inference(config: InferConfig) -> InferSummary:
     """Tag every input of `config` and write one row per file to `config.out`."""
     check_config(config)
+    start_decoder_server()  # in the background, while the export and inputs load
     manifest = read_manifest(config.export_dir)
     output_format(config.out)  # a bad suffix fails now, not after the engine has loaded
     thresholds = class_thresholds(manifest.classes, default_threshold(config, manifest),
@@ -117,23 +118,20 @@ def run_inference(config: InferConfig) -> InferSummary:
     if not paths:
         logger.warning("no image files in %s", _describe_inputs(config))
 
-    start_decoder_server()  # in the background, while the engine loads
-    engine_threads = config.engine_threads or available_cores()
+    summary = _tag(paths, manifest, thresholds, config)
+    log_summary(summary)
+    return summary
+
+
+def _open_engine(config: InferConfig, manifest: ExportManifest) -> Engine:
     # The decode workers share the cores: idle engine threads sleep rather than spin.
     # Short batches are padded to the batch size, so onnxruntime plans memory once.
     # On the CPU a batch runs as one single-threaded slice per thread, unless batches
     # are too small to give every thread a slice (--batch 1 would use one core).
-    engine = open_engine(config.export_dir, manifest, config.engine,
-                         intra_threads=engine_threads, spinning=False,
-                         pad_to=config.batch_size, split=config.batch_size >= engine_threads)
-    try:
-        summary = _tag(paths, manifest, engine, thresholds, config)
-    finally:
-        engine.close()
-    summary.engine_threads = engine_threads if engine.name.startswith("ort-cpu") else None
-
-    log_summary(summary)
-    return summary
+    threads = _engine_threads(config)
+    return open_engine(config.export_dir, manifest, config.engine, intra_threads=threads,
+                       spinning=False, pad_to=config.batch_size,
+                       split=config.batch_size >= threads)
 
 
 def check_config(config: InferConfig) -> None:
@@ -179,10 +177,13 @@ def _describe_inputs(config: InferConfig) -> str:
     return ", ".join(named)
 
 
+def _engine_threads(config: InferConfig) -> int:
+    return config.engine_threads or available_cores()
+
+
 def _tag(
     paths: list[Path],
     manifest: ExportManifest,
-    engine: Engine,
     thresholds: np.ndarray,
     config: InferConfig,
 ) -> InferSummary:
@@ -206,16 +207,21 @@ def _tag(
         stop_on_signals() as stop,
     ):
         todo = len(paths) - sum(str(path) in writer.done for path in paths)
-        bar = tqdm(total=todo, unit="img", file=sys.stderr, disable=not config.progress,
-                   dynamic_ncols=True)
         chunks = _chunks_to_do(paths, writer, config.batch_size)
         # The decode slots take a batch each: no bigger than the work, whatever --batch.
         longest = max(1, min(config.batch_size, todo))
+        # The workers start on the first batches now, so that the cores the engine's
+        # load leaves idle decode (and a slow load, TensorRT's, costs no decoding time).
         batches = decode_batches(chunks, decode, longest, workers, config.prefetch, times,
                                  config.decode_timeout)
         # closing(): on an error or a stop, end the decode workers now rather than
         # whenever the traceback that holds the generator is freed.
-        with bar, closing(batches):
+        with (
+            closing(batches),
+            closing(_open_engine(config, manifest)) as engine,
+            tqdm(total=todo, unit="img", file=sys.stderr, disable=not config.progress,
+                 dynamic_ncols=True) as bar,
+        ):
             for batch in _until_stopped(batches, stop):
                 scores = score_batch(engine, batch, manifest, times)
                 rows = batch_rows(batch, scores, manifest.classes, thresholds, config)
@@ -254,6 +260,7 @@ def _tag(
         stopped_by=stop.signal.name if stopped else None,
         decode_workers=workers,
         workers_replaced=times.workers_replaced,
+        engine_threads=_engine_threads(config) if engine.name.startswith("ort-cpu") else None,
     )
 
 

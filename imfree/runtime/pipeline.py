@@ -21,10 +21,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,6 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from pebble import ProcessExpired, ProcessPool
@@ -138,27 +137,6 @@ def default_decode_workers() -> int:
     return max(1, available_cores())
 
 
-def start_decoder_server() -> None:
-    """Start, in the background, the process decode workers are forked from.
-
-    It imports this module before any worker is asked for, so each worker starts
-    with the decoder loaded; called before the engine loads, that start overlaps
-    the engine's instead of delaying the first batch.
-    """
-    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
-
-    # The server ignores Ctrl-C only once its imports are done; a Ctrl-C during them
-    # killed it, and the run ended in a traceback. An ignored signal stays ignored
-    # across fork and exec, so it is ignored here while the server is spawned.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-
-
 def iter_batches(
     paths: Sequence[Path],
     decode: DecodeSettings,
@@ -189,11 +167,31 @@ def decode_batches(
     """One Batch per chunk of paths (each at most `max_chunk` long), in order, decoded
     up to `prefetch` chunks ahead.
 
-    `decoder` replaces the decoding of one file (a module-level function, since it
-    travels to the worker processes by name).
+    The workers start, and the first `prefetch` chunks are queued, before this
+    returns: they decode while the caller does whatever comes before its first
+    batch (opening the engine, say). `decoder` replaces the decoding of one file
+    (a module-level function, since it travels to the worker processes by name).
     """
     if prefetch < 1:
         raise ValueError(f"prefetch must be at least 1, not {prefetch}")
+    batches = _decoded_batches(chunks, decode, max_chunk, decode_workers, prefetch, times,
+                               timeout, decoder)
+    # Runs the generator up to its first (empty) yield: workers started, chunks queued.
+    # Once started, closing it, or dropping it unread, stops the workers.
+    next(batches)
+    return cast(Iterator[Batch], batches)
+
+
+def _decoded_batches(
+    chunks: Iterable[list[Path]],
+    decode: DecodeSettings,
+    max_chunk: int,
+    decode_workers: int | None,
+    prefetch: int,
+    times: StageTimes | None,
+    timeout: float,
+    decoder: Decoder | None,
+) -> Iterator[Batch | None]:
     workers = decode_workers or default_decode_workers()
     times = times if times is not None else StageTimes()
     decode_one = decoder or decode_file
@@ -251,6 +249,7 @@ def decode_batches(
         # Each turn hands out one batch and queues the one `prefetch` places after it.
         for _ in range(prefetch):
             submit_next_chunk()
+        yield None
 
         while pending:
             chunk, slot, futures = pending.popleft()

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from imfree.errors import ConfigError, EngineUnavailable, ImfreeError
 from imfree.runtime.bundle import ExportManifest, find_variant, read_manifest
+from imfree.runtime.decoder_server import start_decoder_server
 from imfree.runtime.engines import EngineChoice, open_engine
 from imfree.runtime.infer import (
     InferConfig,
@@ -51,7 +52,6 @@ from imfree.runtime.pipeline import (
     StageTimes,
     available_cores,
     decode_batches,
-    start_decoder_server,
 )
 from imfree.runtime.ray_shards import (
     DEFAULT_SHARD_ROWS,

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from imfree.errors import BundleError, ConfigError
+from imfree.errors import BundleError, ConfigError, EngineUnavailable
 from imfree.runtime.bundle import read_manifest
 from imfree.runtime.images import decode_image
 from imfree.runtime.infer import InferConfig, run_inference
@@ -241,6 +241,47 @@ def test_a_run_that_fails_before_its_first_row_leaves_no_partial_file(inputs, ex
 
     assert not out.exists() and not partial_path(out).exists()
     assert not list(tmp_path.glob(".tags.csv*"))  # nor the run's key beside it
+
+
+def test_the_workers_decode_while_the_engine_opens(inputs, export_dir, tmp_path, monkeypatch):
+    from imfree.runtime import infer
+
+    calls = []
+
+    def decoding(*args, **kwargs):
+        batches = real_decode_batches(*args, **kwargs)
+        calls.append("decoding")
+        return batches
+
+    def opening(*args, **kwargs):
+        calls.append("engine")
+        return real_open_engine(*args, **kwargs)
+
+    real_decode_batches, real_open_engine = infer.decode_batches, infer.open_engine
+    monkeypatch.setattr(infer, "decode_batches", decoding)
+    monkeypatch.setattr(infer, "open_engine", opening)
+
+    summary = run_inference(InferConfig(inputs, export_dir, tmp_path / "t.csv", batch_size=2,
+                                        progress=False))
+
+    assert calls == ["decoding", "engine"] and summary.images_ok > 0
+
+
+def test_an_engine_that_cannot_open_stops_the_decoding_and_leaves_no_output(
+        inputs, export_dir, tmp_path, monkeypatch):
+    from imfree.runtime import infer
+
+    def unavailable(*args, **kwargs):
+        raise EngineUnavailable("no engine here")
+
+    monkeypatch.setattr(infer, "open_engine", unavailable)
+    out = tmp_path / "tags.csv"
+
+    with pytest.raises(EngineUnavailable, match="no engine here"):
+        run_inference(InferConfig(inputs, export_dir, out, batch_size=2, progress=False))
+
+    assert not out.exists() and not partial_path(out).exists()
+    assert not list(tmp_path.glob(".tags.csv*"))
 
 
 def test_a_resumed_run_that_fails_at_once_keeps_the_earlier_rows(inputs, export_dir, tmp_path,

@@ -212,10 +212,8 @@ def test_a_batch_size_beyond_the_paths_reserves_only_the_paths(tmp_path, monkeyp
 
 def test_a_chunk_longer_than_promised_is_refused(tmp_path):
     chunks = [[tmp_path / "1.jpg"], [tmp_path / f"{i}.jpg" for i in range(3)]]
-    batches = pipeline.decode_batches(chunks, DecodeSettings(2, 2), 2, decoder=numbered)
-
     with pytest.raises(ValueError, match=r"a chunk of 3 paths is longer than max_chunk \(2\)"):
-        list(batches)
+        list(pipeline.decode_batches(chunks, DecodeSettings(2, 2), 2, decoder=numbered))
 
 
 def test_workers_decode_at_a_lower_priority(tmp_path):
@@ -252,9 +250,10 @@ import os, signal
 from multiprocessing import forkserver
 from pathlib import Path
 from imfree.runtime import pipeline
+from imfree.runtime.decoder_server import start_decoder_server
 
 if __name__ == "__main__":
-    pipeline.start_decoder_server()
+    start_decoder_server()
     server = forkserver._forkserver._forkserver_pid
     status = Path(f"/proc/{{server}}/status").read_text()
     ignored = int(status.split("SigIgn:")[1].split()[0], 16)
@@ -272,6 +271,34 @@ if __name__ == "__main__":
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
+def test_the_decoder_server_starts_without_blas_threads():
+    # numpy's OpenBLAS threads spin as it loads, on the core the server's imports
+    # need; the server alone gets the setting, this process's environment is kept.
+    script = """
+import os, time
+from multiprocessing import forkserver
+from pathlib import Path
+from imfree.runtime.decoder_server import start_decoder_server
+
+if __name__ == "__main__":
+    start_decoder_server()
+    server = Path(f"/proc/{forkserver._forkserver._forkserver_pid}")
+    deadline = time.monotonic() + 60
+    while b"forkserver" not in (server / "cmdline").read_bytes():  # not yet executed
+        assert time.monotonic() < deadline, "the server never started"
+        time.sleep(0.01)
+    environ = (server / "environ").read_bytes().split(b"\\0")
+    print(b"OPENBLAS_NUM_THREADS=1" in environ, os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+    env = {name: value for name, value in os.environ.items() if name != "OPENBLAS_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "None"]
+
+
 def test_decoding_runs_at_most_prefetch_batches_ahead(tmp_path):
     paths = [tmp_path / f"{i:02d}.jpg" for i in range(20)]
     batches = iter_batches(paths, DecodeSettings(4, 4), batch_size=2, decode_workers=2,
@@ -287,6 +314,21 @@ def test_decoding_runs_at_most_prefetch_batches_ahead(tmp_path):
     assert first.paths == paths[:2]
     assert len(log.read_text().split()) == 6  # this batch and two more
     assert [p for b in batches for p in b.paths] == paths[2:]
+
+
+def test_decoding_starts_before_the_first_batch_is_asked_for(tmp_path):
+    # The workers decode while the caller does something else first (opens its engine).
+    paths = [tmp_path / f"{i:02d}.jpg" for i in range(6)]
+    batches = iter_batches(paths, DecodeSettings(4, 4), batch_size=2, decode_workers=2,
+                           prefetch=2, decoder=record_and_fake)
+
+    log = tmp_path / "decoded.log"
+    deadline = time.monotonic() + 20
+    while (not log.exists() or len(log.read_text().split()) < 4) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert sorted(log.read_text().split()) == [path.name for path in paths[:4]]
+    assert [p for b in batches for p in b.paths] == paths
 
 
 def test_a_crashed_worker_costs_one_row_and_is_replaced(tmp_path, photos):
