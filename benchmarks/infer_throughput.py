@@ -31,6 +31,7 @@ each side) and saved at JPEG quality 90, with the long side drawn from
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import random
@@ -64,6 +65,9 @@ def main() -> None:
     manifest = json.loads((export / "imfree_export.json").read_text())
     reference = sorted(images.glob("*.jpg"))[: args.reference_images]
     cores = len(os.sched_getaffinity(0))
+    # An installed imfree has its bytecode compiled (pip does it); a checkout run
+    # under PYTHONDONTWRITEBYTECODE would compile the package again at every start.
+    compileall.compile_dir(ROOT / "imfree", quiet=1)
     print(f"# {manifest['model'].get('backbone', args.model)}, {args.images} images, "
           f"{args.sizes} sizes ({_megapixels(images):.1f} MP mean), batch {args.batch}, "
           f"{cores} cores", flush=True)

@@ -7,6 +7,7 @@ them, so `imfree infer` and `imfree --help` start fast.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -273,6 +274,16 @@ def infer(
                                             "(rounded up to whole batches).")] = 8192,
 ) -> None:
     """Tag every image under INPUTS with an export; one row per file."""
+    if ray is None:
+        from imfree.runtime.decoder_server import start_decoder_server
+
+        # numpy's OpenBLAS threads would each spin for about 0.1 s of a core as it
+        # loads, beside the decoder server's start; nothing here multiplies matrices
+        # in numpy (onnxruntime and torch bring their own threads).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        # First thing: the server loads the decoder on another core while this
+        # process imports onnxruntime, and the workers can start the moment it is up.
+        start_decoder_server()
     from imfree.runtime.infer import InferConfig, run_inference
 
     config = InferConfig(
