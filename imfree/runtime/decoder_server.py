@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import threading
@@ -30,8 +31,14 @@ def start_decoder_server() -> None:
 
     # The server ignores Ctrl-C only once its imports are done; a Ctrl-C during them
     # killed it, and the run ended in a traceback. An ignored signal stays ignored
-    # across fork and exec, so it is ignored here while the server is spawned.
+    # across fork and exec, so it is ignored here while the server is spawned. It is
+    # blocked too: Linux keeps a blocked signal pending even while it is ignored, so
+    # a Ctrl-C in those milliseconds reaches this process afterwards, not lost. The
+    # resource tracker starts first, outside that window: its own start unblocks
+    # Ctrl-C, which would drop one held until then.
+    multiprocessing.resource_tracker.ensure_running()
     in_main_thread = threading.current_thread() is threading.main_thread()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
     try:
         with _single_threaded_blas():
@@ -39,6 +46,7 @@ def start_decoder_server() -> None:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 @contextmanager

@@ -271,6 +271,37 @@ if __name__ == "__main__":
     assert "Traceback" not in done.stderr
 
 
+def test_a_ctrl_c_while_the_decoder_server_is_spawned_is_not_lost():
+    # Ctrl-C is ignored while the server is spawned; one that comes meanwhile must
+    # still reach this process afterwards (the command line spawns it first thing,
+    # just when a user may change their mind).
+    script = """
+import os, signal
+from multiprocessing import forkserver
+from imfree.runtime.decoder_server import start_decoder_server
+
+def spawn_during_a_ctrl_c(spawn=forkserver.ensure_running):
+    os.kill(os.getpid(), signal.SIGINT)
+    spawn()
+
+if __name__ == "__main__":
+    forkserver.ensure_running = spawn_during_a_ctrl_c
+    try:
+        start_decoder_server()
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+    except KeyboardInterrupt:
+        print("interrupted")
+    else:
+        print("lost")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["interrupted"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
 def test_the_decoder_server_starts_without_blas_threads():
     # numpy's OpenBLAS threads spin as it loads, on the core the server's imports
